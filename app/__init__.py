@@ -1,0 +1,77 @@
+"""bailian-gateway: DashScope's native async video API, for many clients, over many channels."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, Response, g
+
+from app.channels import ChannelPool
+from app.config import load_settings
+from app.gateway import Gateway
+from app.store import open_engine
+from app.upstream import DashScopeClient
+
+
+def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
+    """Build the gateway application; `overrides` replaces environment variables (tests)."""
+    app = Flask(__name__, instance_relative_config=True)
+    register_gateway(app, {**os.environ, **(overrides or {})})
+    register_request_ids(app)
+    register_blueprints(app)
+    register_cli(app)
+    return app
+
+
+def register_gateway(app: Flask, environ: Mapping[str, str]) -> None:
+    """Load the settings and open the database, the upstream client and the channel pool."""
+    settings = load_settings(environ)
+    database_url = settings.database_url
+    if database_url is None:
+        os.makedirs(app.instance_path, exist_ok=True)
+        database_url = f"sqlite:///{os.path.join(app.instance_path, 'gateway.sqlite3')}"
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["gateway"] = Gateway(
+        settings=settings,
+        engine=open_engine(database_url),
+        client=DashScopeClient(
+            settings.connect_timeout, settings.read_timeout, settings.query_retries
+        ),
+        pool=ChannelPool(settings.channels),
+    )
+
+
+def register_request_ids(app: Flask) -> None:
+    """Give every request an id, and answer it in `X-Request-Id`."""
+    app.before_request(_assign_request_id)
+    app.after_request(_expose_request_id)
+
+
+def _assign_request_id() -> None:
+    g.request_id = str(uuid.uuid4())
+
+
+def _expose_request_id(response: Response) -> Response:
+    # The upstream's id when there was one, so an operator can quote it to Alibaba Cloud.
+    response.headers["X-Request-Id"] = g.get("upstream_request_id") or g.get("request_id", "")
+    return response
+
+
+def register_blueprints(app: Flask) -> None:
+    """Mount the compatibility routes, the health routes and the errors blueprint."""
+    from app import errors
+    from app.routes import compat, health
+
+    app.register_blueprint(errors.bp)
+    app.register_blueprint(compat.bp, url_prefix="/alibailian/api/v1")
+    app.register_blueprint(health.bp)
+
+
+def register_cli(app: Flask) -> None:
+    """Add the `keys` commands to `flask` and `bailian-gateway`."""
+    from app.cli import keys_cli
+
+    app.cli.add_command(keys_cli)

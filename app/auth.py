@@ -1,0 +1,28 @@
+"""Authenticate gateway keys sent the way DashScope's clients send theirs."""
+
+from __future__ import annotations
+
+from flask import g, request
+
+from app.errors import invalid_api_key
+from app.gateway import current_gateway
+from app.store import Caller, find_caller
+
+
+def authenticate() -> Caller:
+    """Return the caller behind the request's `Authorization: Bearer` key, or fail with 401."""
+    header = request.headers.get("Authorization", "").strip()
+    if not header:
+        raise invalid_api_key("No API-key provided.")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer":
+        # DashScope also takes the bare key; so do we.
+        secret = header
+    secret = secret.strip()
+    if not secret:
+        raise invalid_api_key("No API-key provided.")
+    caller = find_caller(current_gateway().engine, secret)
+    if caller is None:
+        raise invalid_api_key()
+    g.caller = caller
+    return caller

@@ -1,0 +1,126 @@
+"""Channel selection, failover and cool-downs."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from app.config import Channel
+from app.upstream import DashScopeClient, UpstreamAnswer, UpstreamError
+
+log = logging.getLogger(__name__)
+
+# A failing channel sits out BASE * 2**(failures-1) seconds, up to MAX; a channel whose own
+# key is refused sits out AUTH_COOLDOWN, since only an operator can fix that.
+BASE_COOLDOWN = 2.0
+MAX_COOLDOWN = 300.0
+AUTH_COOLDOWN = 600.0
+
+
+class NoUsableChannel(Exception):
+    """Every channel that serves the model is cooling down."""
+
+
+class AllChannelsFailed(Exception):
+    """Every channel tried failed in a way that created no task."""
+
+
+class ChannelPool:
+    """The configured channels, with the cool-down state of each in this process."""
+
+    def __init__(
+        self,
+        channels: Iterable[Channel],
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.channels = tuple(channels)
+        self._by_name = {channel.name: channel for channel in self.channels}
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - load spreading, not security
+        self._lock = threading.Lock()
+        self._failures: dict[str, int] = {}
+        self._cooling_until: dict[str, float] = {}
+
+    def get(self, name: str) -> Channel | None:
+        """Return the channel of that name, if it is still configured."""
+        return self._by_name.get(name)
+
+    def is_cooling(self, channel: Channel) -> bool:
+        """Return whether the channel is sitting out after a failure."""
+        with self._lock:
+            return self._cooling_until.get(channel.name, 0.0) > self._clock()
+
+    def candidates(self, model: str) -> list[Channel]:
+        """Return the usable channels for a model in the order to try them."""
+        usable = [c for c in self.channels if model in c.models and not self.is_cooling(c)]
+        # Weighted shuffle within a priority tier (Efraimidis-Spirakis keys), tiers high first,
+        # so a lower tier is reached only when every channel above it has failed.
+        keyed = [(c.priority, self._rng.random() ** (1.0 / c.weight), c) for c in usable]
+        keyed.sort(key=lambda item: (item[0], item[1]), reverse=True)
+        return [channel for _, _, channel in keyed]
+
+    def report_success(self, channel: Channel) -> None:
+        """Forget the channel's past failures."""
+        with self._lock:
+            self._failures.pop(channel.name, None)
+            self._cooling_until.pop(channel.name, None)
+
+    def report_failure(self, channel: Channel, *, auth: bool = False) -> float:
+        """Cool the channel down for longer with each failure; return the cool-down seconds."""
+        with self._lock:
+            failures = self._failures.get(channel.name, 0) + 1
+            self._failures[channel.name] = failures
+            seconds = (
+                AUTH_COOLDOWN if auth else min(MAX_COOLDOWN, BASE_COOLDOWN * 2 ** (failures - 1))
+            )
+            self._cooling_until[channel.name] = self._clock() + seconds
+        return seconds
+
+
+def submit_with_failover(
+    pool: ChannelPool,
+    client: DashScopeClient,
+    model: str,
+    service_path: str,
+    body: bytes,
+    client_headers: dict[str, str],
+) -> tuple[Channel, UpstreamAnswer]:
+    """Submit on the first channel that takes it, failing over only when nothing was created."""
+    candidates = pool.candidates(model)
+    if not candidates:
+        raise NoUsableChannel(model)
+    throttled: tuple[Channel, UpstreamAnswer] | None = None
+    for channel in candidates:
+        try:
+            answer = client.submit_task(channel, service_path, body, client_headers)
+        except UpstreamError as exc:
+            pool.report_failure(channel)
+            if not exc.nothing_created:
+                raise  # the request may have created a task: a resend could bill twice
+            log.warning("upstream unreachable", extra={"channel": channel.name})
+            continue
+        if answer.status in (401, 403):
+            seconds = pool.report_failure(channel, auth=True)
+            log.error(
+                "upstream refused the channel's own key: fix the channel's key",
+                extra={
+                    "channel": channel.name,
+                    "upstream_status": answer.status,
+                    "cooldown_seconds": seconds,
+                },
+            )
+            continue
+        if answer.status == 429 or answer.status >= 500:
+            pool.report_failure(channel)
+            if answer.status == 429:
+                throttled = (channel, answer)
+            continue
+        pool.report_success(channel)
+        return channel, answer
+    if throttled is not None:
+        return throttled  # clients should back off, as DashScope asked
+    raise AllChannelsFailed(model)

@@ -1,0 +1,59 @@
+"""Operator commands: `bailian-gateway keys ...` (also `flask --app wsgi keys ...`)."""
+
+from __future__ import annotations
+
+import click
+from flask.cli import AppGroup, FlaskGroup
+
+from app.gateway import current_gateway
+from app.store import create_key, list_keys, revoke_key
+
+keys_cli = AppGroup("keys", help="Create, revoke and list gateway API keys.")
+
+
+@keys_cli.command("create")
+@click.argument("account")
+@click.option("--models", default=None, help="Comma-separated model allowlist (default: all).")
+def create_key_command(account: str, models: str | None) -> None:
+    """Create a key for ACCOUNT (created if new); the key is printed once, on the last line."""
+    allowlist = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    secret = create_key(current_gateway().engine, account, allowlist)
+    click.echo(f"Created a key for account {account!r}. Store it now: it is not shown again.")
+    click.echo(secret)
+
+
+@keys_cli.command("revoke")
+@click.argument("key")
+def revoke_key_command(key: str) -> None:
+    """Revoke KEY, given as the secret or as the id `keys list` shows."""
+    if not revoke_key(current_gateway().engine, key):
+        raise click.ClickException("no active key matches")
+    click.echo("Key revoked.")
+
+
+@keys_cli.command("list")
+def list_keys_command() -> None:
+    """List keys without their secrets."""
+    click.echo(f"{'ID':>4}  {'ACCOUNT':<20} {'KEY':<12} {'STATUS':<8} {'CREATED':<19}  MODELS")
+    for key in list_keys(current_gateway().engine):
+        status = "revoked" if key.revoked_at else "active"
+        models = ",".join(sorted(key.models)) if key.models is not None else "*"
+        created = key.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(
+            f"{key.key_id:>4}  {key.account_name:<20} {'sk-...' + key.hint:<12} "
+            f"{status:<8} {created:<19}  {models}"
+        )
+
+
+def _create_app() -> object:
+    from app import create_app
+
+    return create_app()
+
+
+cli = FlaskGroup(create_app=_create_app, add_version_option=False, help="Operate bailian-gateway.")
+
+
+def main() -> None:
+    """Run the `bailian-gateway` console script."""
+    cli.main(prog_name="bailian-gateway")

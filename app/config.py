@@ -1,0 +1,180 @@
+"""The one place that reads the environment and the TOML configuration file."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+
+from app.schemas import first_error
+
+RESOLUTION_TIERS = ("480P", "720P", "1080P")
+DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One upstream DashScope account: its key, its region's origin and the models it serves."""
+
+    name: str
+    base_url: str
+    api_key: str = field(repr=False)
+    models: frozenset[str]
+    workspace: str | None = None
+    priority: int = 0
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the gateway reads from its configuration, validated once at start-up."""
+
+    database_url: str | None = None
+    config_path: str | None = None
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    query_retries: int = 2
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    refresh_interval: float = 3.0
+    retention_hours: float = 24.0
+    channels: tuple[Channel, ...] = ()
+    prices: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    @property
+    def offered_models(self) -> frozenset[str]:
+        """Return the models that have a price and at least one channel serving them."""
+        served = {model for channel in self.channels for model in channel.models}
+        return frozenset(served & set(self.prices))
+
+
+class _StrictSchema(Schema):
+    """A config section: a key it does not know is an error that lists the keys it does."""
+
+    class Meta:
+        unknown = EXCLUDE  # reported by _reject_unknown_keys, with the keys expected
+
+    @validates_schema(pass_original=True)
+    def _reject_unknown_keys(self, _data: Any, original: Any, **_kwargs: Any) -> None:
+        if not isinstance(original, dict):
+            return
+        unknown = sorted(set(original) - set(self.fields))
+        if unknown:
+            expected = ", ".join(self.fields)
+            raise ValidationError(f"unknown key {unknown[0]!r}; expected one of: {expected}")
+
+
+class _UpstreamSection(_StrictSchema):
+    connect_timeout = fields.Float(validate=validate.Range(min=0, min_inclusive=False))
+    read_timeout = fields.Float(validate=validate.Range(min=0, min_inclusive=False))
+    query_retries = fields.Integer(strict=True, validate=validate.Range(min=0, max=10))
+
+
+class _ServerSection(_StrictSchema):
+    max_body_bytes = fields.Integer(strict=True, validate=validate.Range(min=1024))
+
+
+class _TasksSection(_StrictSchema):
+    refresh_interval = fields.Float(validate=validate.Range(min=0))
+    retention_hours = fields.Float(validate=validate.Range(min=0, min_inclusive=False))
+
+
+class _ChannelSection(_StrictSchema):
+    name = fields.String(required=True, validate=validate.Length(min=1))
+    base_url = fields.Url(required=True, schemes={"http", "https"}, require_tld=False)
+    api_key_env = fields.String(required=True, validate=validate.Length(min=1))
+    models = fields.List(fields.String(), required=True, validate=validate.Length(min=1))
+    workspace = fields.String()
+    priority = fields.Integer(strict=True)
+    weight = fields.Integer(strict=True, validate=validate.Range(min=1))
+
+
+class _ModelSection(_StrictSchema):
+    price_per_second = fields.Dict(
+        keys=fields.String(validate=validate.OneOf(RESOLUTION_TIERS)),
+        values=fields.Float(validate=validate.Range(min=0)),
+        required=True,
+    )
+
+
+class _ConfigFile(_StrictSchema):
+    upstream = fields.Nested(_UpstreamSection)
+    server = fields.Nested(_ServerSection)
+    tasks = fields.Nested(_TasksSection)
+    channels = fields.List(fields.Nested(_ChannelSection))
+    models = fields.Dict(keys=fields.String(), values=fields.Nested(_ModelSection))
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    try:
+        loaded: dict[str, Any] = _ConfigFile().load(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {first_error(exc.messages)}") from None
+    return loaded
+
+
+def _build_channels(path: str, sections: list[dict], environ: Mapping[str, str]) -> tuple:
+    channels = []
+    for index, section in enumerate(sections):
+        where = f"{path}: channels[{index}]"
+        if section["name"] in {channel.name for channel in channels}:
+            raise ConfigError(f"{where}.name: duplicate channel name {section['name']!r}")
+        api_key = environ.get(section["api_key_env"], "")
+        if not api_key:
+            raise ConfigError(
+                f"{where}.api_key_env: environment variable {section['api_key_env']} "
+                "is not set (it must hold the channel's DashScope key)"
+            )
+        channels.append(
+            Channel(
+                name=section["name"],
+                base_url=section["base_url"].rstrip("/"),
+                api_key=api_key,
+                models=frozenset(section["models"]),
+                workspace=section.get("workspace"),
+                priority=section.get("priority", 0),
+                weight=section.get("weight", 1),
+            )
+        )
+    return tuple(channels)
+
+
+def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
+    """Read the environment and the TOML file it names into validated Settings."""
+    path = environ.get("GATEWAY_CONFIG") or None
+    database_url = environ.get("GATEWAY_DATABASE_URL") or None
+    if path is None:
+        return Settings(database_url=database_url)
+    data = _read_file(path)
+    upstream = data.get("upstream", {})
+    tasks = data.get("tasks", {})
+    return Settings(
+        database_url=database_url,
+        config_path=str(Path(path).resolve()),
+        connect_timeout=upstream.get("connect_timeout", Settings.connect_timeout),
+        read_timeout=upstream.get("read_timeout", Settings.read_timeout),
+        query_retries=upstream.get("query_retries", Settings.query_retries),
+        max_body_bytes=data.get("server", {}).get("max_body_bytes", DEFAULT_MAX_BODY_BYTES),
+        refresh_interval=tasks.get("refresh_interval", Settings.refresh_interval),
+        retention_hours=tasks.get("retention_hours", Settings.retention_hours),
+        channels=_build_channels(path, data.get("channels", []), environ),
+        prices={
+            model: dict(section["price_per_second"])
+            for model, section in data.get("models", {}).items()
+        },
+    )

@@ -1,0 +1,116 @@
+"""The errors blueprint: every error the gateway decides, in DashScope's native envelope."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, g
+from werkzeug.exceptions import HTTPException
+
+from app.channels import AllChannelsFailed, NoUsableChannel
+from app.upstream import UpstreamError, UpstreamTimeout
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("errors", __name__)
+
+# DashScope's codes for the HTTP errors Flask and Werkzeug raise themselves.
+CODES_BY_STATUS = {
+    400: "InvalidParameter",
+    401: "InvalidApiKey",
+    403: "AccessDenied",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    408: "RequestTimeOut",
+    413: "BadRequest.TooLarge",
+    429: "Throttling",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+    504: "RequestTimeOut",
+}
+
+
+class ApiError(Exception):
+    """An error answer the gateway decided on: HTTP status, native code and message."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+def error_response(status: int, code: str, message: str, **extra: Any) -> Response:
+    """Build DashScope's error envelope: request_id, code, message, as application/json."""
+    body = {"request_id": g.get("request_id", ""), "code": code, "message": message, **extra}
+    return Response(json.dumps(body), status=status, mimetype="application/json")
+
+
+def invalid_api_key(message: str = "Invalid API-key provided.") -> ApiError:
+    """Return the error for a missing or unknown gateway key."""
+    return ApiError(401, "InvalidApiKey", message)
+
+
+def model_not_found(model: str) -> ApiError:
+    """Return the error for a model that is not offered or not allowed for the key."""
+    return ApiError(
+        400,
+        "model_not_found",
+        f"The model `{model}` does not exist or you do not have access to it.",
+    )
+
+
+def task_not_exist() -> ApiError:
+    """Return the one answer for a task that is unknown, expired or another account's."""
+    return ApiError(400, "task_not_exist", "task_not_exist", data=None)
+
+
+@bp.app_errorhandler(ApiError)
+def handle_api_error(error: ApiError) -> Response:
+    """Render an error the gateway decided on."""
+    return error_response(error.status, error.code, error.message, **error.extra)
+
+
+@bp.app_errorhandler(HTTPException)
+def handle_http_exception(error: HTTPException) -> Response:
+    """Render routing, method and body-size errors natively instead of as HTML."""
+    status = error.code or 500
+    code = CODES_BY_STATUS.get(status, (error.name or "Error").replace(" ", ""))
+    response = error_response(status, code, error.description or error.name)
+    valid_methods = getattr(error, "valid_methods", None)
+    if valid_methods:
+        response.headers["Allow"] = ", ".join(valid_methods)
+    return response
+
+
+@bp.app_errorhandler(NoUsableChannel)
+def handle_no_usable_channel(error: NoUsableChannel) -> Response:
+    """Tell the client the model exists but cannot be served right now."""
+    return error_response(
+        503, "model_not_found", f"The model `{error}` is temporarily unavailable, try again later."
+    )
+
+
+@bp.app_errorhandler(AllChannelsFailed)
+def handle_all_channels_failed(_error: AllChannelsFailed) -> Response:
+    """Tell the client no upstream could take the request."""
+    return error_response(503, "ServiceUnavailable", "The upstream service is unavailable.")
+
+
+@bp.app_errorhandler(UpstreamError)
+def handle_upstream_error(error: UpstreamError) -> Response:
+    """Map transport failures with DashScope to gateway errors."""
+    log.warning("upstream call failed: %s", error, extra={"channel": error.channel})
+    if isinstance(error, UpstreamTimeout):
+        return error_response(504, "RequestTimeOut", "The upstream service did not answer in time.")
+    return error_response(503, "ServiceUnavailable", "The upstream service is unavailable.")
+
+
+@bp.app_errorhandler(Exception)
+def handle_unexpected(error: Exception) -> Response:
+    """Log a bug and answer a native 500 instead of a stack trace."""
+    log.exception("unhandled error", exc_info=error)
+    return error_response(500, "InternalError", "An internal error occurred.")

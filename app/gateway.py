@@ -1,0 +1,28 @@
+"""The parts one gateway application is made of, reachable from any request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import current_app
+from sqlalchemy import Engine
+
+from app.channels import ChannelPool
+from app.config import Settings
+from app.upstream import DashScopeClient
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """Settings, database, upstream client and channel pool of one application."""
+
+    settings: Settings
+    engine: Engine
+    client: DashScopeClient
+    pool: ChannelPool
+
+
+def current_gateway() -> Gateway:
+    """Return the gateway of the application handling this request."""
+    gateway: Gateway = current_app.extensions["gateway"]
+    return gateway

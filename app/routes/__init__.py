@@ -1,0 +1,1 @@
+"""Blueprints: the DashScope-compatible routes and the operational ones."""

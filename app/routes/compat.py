@@ -1,0 +1,161 @@
+"""DashScope's native video routes, served under /alibailian/api/v1."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import timedelta
+
+from flask import Blueprint, Response, g, request
+
+from app.auth import authenticate
+from app.channels import submit_with_failover
+from app.config import Channel
+from app.errors import ApiError, model_not_found, task_not_exist
+from app.gateway import current_gateway
+from app.schemas import first_error, video_synthesis_request_schema
+from app.store import (
+    Caller,
+    Task,
+    claim_refresh,
+    get_owned_task,
+    record_answer,
+    record_task,
+    utcnow,
+)
+from app.upstream import UpstreamAnswer, UpstreamBrokenAnswer, UpstreamError
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("compat", __name__)
+
+# DashScope's task ids are UUIDs; anything far longer is not one of ours, whatever it is.
+MAX_TASK_ID_LENGTH = 64
+
+
+@bp.post("/services/aigc/<any('video-generation', 'image2video'):group>/video-synthesis")
+def submit_video_synthesis(group: str) -> Response:
+    """Forward a video-synthesis submit unchanged and remember which account owns the task."""
+    caller = authenticate()
+    body, model = load_submit_body()
+    ensure_model_allowed(caller, model)
+    gateway = current_gateway()
+    channel, answer = submit_with_failover(
+        gateway.pool,
+        gateway.client,
+        model,
+        f"services/aigc/{group}/video-synthesis",
+        body,
+        dict(request.headers),
+    )
+    if answer.status == 200:
+        remember_task(caller, channel, model, answer)
+    return native_response(answer)
+
+
+@bp.get("/tasks/<task_id>")
+def get_task(task_id: str) -> Response:
+    """Answer a task query, asking upstream at most once per refresh interval."""
+    caller = authenticate()
+    task = get_owned_task_or_fail(caller, task_id)
+    gateway = current_gateway()
+    channel = gateway.pool.get(task.channel)
+    if task.is_final or channel is None:
+        return stored_answer(task)
+    if not claim_refresh(gateway.engine, task.task_id, utcnow(), gateway.settings.refresh_interval):
+        return stored_answer(task)
+    answer = refresh_task(channel, task)
+    return stored_answer(task) if answer is None else native_response(answer)
+
+
+def load_submit_body() -> tuple[bytes, str]:
+    """Return the raw submit body and its model, or fail with DashScope's 400."""
+    body = request.get_data(cache=False)
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise ApiError(400, "InvalidParameter", "The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "InvalidParameter", "The request body must be a JSON object.")
+    if data.get("model") in (None, ""):
+        raise ApiError(
+            400, "BadRequest.EmptyModel", 'Required parameter "model" missing from request.'
+        )
+    if data.get("input") is None:
+        raise ApiError(
+            400, "BadRequest.EmptyInput", 'Required parameter "input" missing from request.'
+        )
+    errors = video_synthesis_request_schema.validate(data)
+    if errors:
+        raise ApiError(400, "InvalidParameter", first_error(errors))
+    g.model = data["model"]
+    return body, data["model"]
+
+
+def ensure_model_allowed(caller: Caller, model: str) -> None:
+    """Fail with `model_not_found` unless the model is offered and the key may use it."""
+    if model not in current_gateway().settings.offered_models or not caller.may_use(model):
+        raise model_not_found(model)
+
+
+def remember_task(caller: Caller, channel: Channel, model: str, answer: UpstreamAnswer) -> None:
+    """Record a task DashScope accepted, before the client hears of it."""
+    if answer.task_id is None:
+        raise UpstreamBrokenAnswer(channel.name, "submit answer carries no task id")
+    record_task(
+        current_gateway().engine,
+        task_id=answer.task_id,
+        account_id=caller.account_id,
+        key_id=caller.key_id,
+        channel=channel.name,
+        model=model,
+        status=answer.task_status or "PENDING",
+        upstream_body=answer.body.decode(),
+        now=utcnow(),
+    )
+
+
+def get_owned_task_or_fail(caller: Caller, task_id: str) -> Task:
+    """Return the caller's account's task, or the one answer that leaks nothing."""
+    gateway = current_gateway()
+    task = None
+    if len(task_id) <= MAX_TASK_ID_LENGTH:
+        oldest = utcnow() - timedelta(hours=gateway.settings.retention_hours)
+        task = get_owned_task(gateway.engine, caller.account_id, task_id, oldest)
+    if task is None:
+        raise task_not_exist()
+    return task
+
+
+def refresh_task(channel: Channel, task: Task) -> UpstreamAnswer | None:
+    """Ask the task's own channel about it and store what changed; None if it did not answer."""
+    gateway = current_gateway()
+    try:
+        answer = gateway.client.query_task(channel, task.task_id)
+    except UpstreamError as exc:
+        log.warning("task refresh failed, serving the last known status: %s", exc)
+        return None
+    if answer.status != 200 or answer.task_status is None:
+        # A channel fault (throttled, key refused, 5xx) is not the client's: the last
+        # known status is the better answer.
+        log.warning(
+            "task refresh answered HTTP %s, serving the last known status",
+            answer.status,
+            extra={"channel": channel.name},
+        )
+        return None
+    record_answer(gateway.engine, task.task_id, answer.task_status, answer.body.decode(), utcnow())
+    return answer
+
+
+def stored_answer(task: Task) -> Response:
+    """Answer with the last upstream body stored for the task, under this request's id."""
+    body = json.loads(task.upstream_body)
+    body["request_id"] = g.request_id
+    return Response(json.dumps(body), status=200, mimetype="application/json")
+
+
+def native_response(answer: UpstreamAnswer) -> Response:
+    """Return DashScope's answer to the client as it came: status and bytes."""
+    g.upstream_request_id = answer.request_id
+    return Response(answer.body, status=answer.status, mimetype="application/json")

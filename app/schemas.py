@@ -1,0 +1,107 @@
+"""Marshmallow schemas for request bodies, named for the operation they validate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import INCLUDE, Schema, ValidationError, fields, validate
+
+MAX_SEED = 2_147_483_647
+
+
+class StrictBoolean(fields.Boolean):
+    """A JSON true or false, and nothing that merely looks like one ("yes", 1)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+class StrictInteger(fields.Integer):
+    """A JSON integer: not "5", not 5.0, not true."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(strict=True, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, bool):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class _OpenSchema(Schema):
+    # Unknown fields pass: upstream owns per-model rules, and new models must work on day one.
+    class Meta:
+        unknown = INCLUDE
+
+
+def _optional(field: type[fields.Field], **kwargs: Any) -> Any:
+    # null is how JSON clients say "not set"; upstream decides what it means.
+    return field(allow_none=True, **kwargs)
+
+
+class MediaItemSchema(_OpenSchema):
+    """One typed asset of the newest models' `input.media`."""
+
+    type = _optional(fields.String)
+    url = _optional(fields.String)
+
+
+class VideoSynthesisInputSchema(_OpenSchema):
+    """The `input` object of a video-synthesis submit."""
+
+    prompt = _optional(fields.String)
+    negative_prompt = _optional(fields.String)
+    img_url = _optional(fields.String)
+    audio_url = _optional(fields.String)
+    template = _optional(fields.String)
+    first_frame_url = _optional(fields.String)
+    last_frame_url = _optional(fields.String)
+    ref_images_url = _optional(fields.List, cls_or_instance=fields.String())
+    video_url = _optional(fields.String)
+    function = _optional(fields.String)
+    media = _optional(fields.List, cls_or_instance=fields.Nested(MediaItemSchema))
+    extend_prompt = _optional(StrictBoolean)
+
+
+class VideoSynthesisParametersSchema(_OpenSchema):
+    """The `parameters` object of a video-synthesis submit."""
+
+    resolution = _optional(fields.String)
+    size = _optional(fields.String)
+    duration = _optional(StrictInteger)
+    prompt_extend = _optional(StrictBoolean)
+    watermark = _optional(StrictBoolean)
+    audio = _optional(StrictBoolean)
+    seed = _optional(StrictInteger, validate=validate.Range(min=0, max=MAX_SEED))
+    shot_type = _optional(fields.String)
+
+
+class VideoSynthesisRequestSchema(_OpenSchema):
+    """A submit body: `{"model", "input", "parameters"}`, as DashScope takes it."""
+
+    model = fields.String(required=True, validate=validate.Length(min=1))
+    input = fields.Nested(VideoSynthesisInputSchema, required=True)
+    parameters = _optional(fields.Nested, nested=VideoSynthesisParametersSchema)
+
+
+video_synthesis_request_schema = VideoSynthesisRequestSchema()
+
+
+def first_error(messages: Any, path: str = "") -> str:
+    """Return the first marshmallow error as `field.path: message`."""
+    if isinstance(messages, dict):
+        key, value = next(iter(messages.items()))
+        if key == "_schema":
+            return first_error(value, path)
+        child = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+        return first_error(value, child)
+    if isinstance(messages, list) and messages:
+        return first_error(messages[0], path)
+    return f"{path}: {messages}" if path else str(messages)
+
+
+def validation_message(error: ValidationError) -> str:
+    """Return a client-facing message naming the first invalid field."""
+    return first_error(error.messages)

@@ -1,0 +1,22 @@
+"""The gateway's durable state: accounts, keys and tasks (SQLAlchemy Core)."""
+
+from app.store.engine import open_engine
+from app.store.keys import Caller, KeyInfo, create_key, find_caller, list_keys, revoke_key
+from app.store.tasks import Task, claim_refresh, get_owned_task, record_answer, record_task
+from app.store.time import utcnow
+
+__all__ = [
+    "Caller",
+    "KeyInfo",
+    "Task",
+    "claim_refresh",
+    "create_key",
+    "find_caller",
+    "get_owned_task",
+    "list_keys",
+    "open_engine",
+    "record_answer",
+    "record_task",
+    "revoke_key",
+    "utcnow",
+]

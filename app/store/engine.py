@@ -1,0 +1,45 @@
+"""Open the database: SQLite in the instance folder by default, PostgreSQL by URL."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.store.tables import metadata
+
+log = logging.getLogger(__name__)
+
+
+def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets gunicorn's workers read while one writes; busy_timeout makes writers queue
+    # instead of failing with "database is locked".
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def open_engine(url: str, pool_size: int = 20) -> Engine:
+    """Create the engine for a database URL and make sure the schema exists."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size)
+        event.listen(engine, "connect", _tune_sqlite)
+    else:
+        engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    create_schema(engine)
+    return engine
+
+
+def create_schema(engine: Engine) -> None:
+    """Create missing tables; tolerate another process creating them at the same moment."""
+    try:
+        metadata.create_all(engine)
+    except SQLAlchemyError:
+        # Several workers or instances may race on first start; the loser finds the tables made.
+        log.info("schema creation raced with another process; checking again")
+        metadata.create_all(engine)

@@ -1,0 +1,111 @@
+"""Tasks and who owns them; every read is scoped by the owning account."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, insert, select, update
+
+from app.store.tables import tasks
+
+# Once a task reaches one of these, DashScope never changes it again.
+FINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "CANCELED"})
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task the gateway submitted, with the last upstream answer about it."""
+
+    task_id: str
+    account_id: int
+    key_id: int
+    channel: str
+    model: str
+    status: str
+    upstream_body: str
+    submitted_at: datetime
+    refreshed_at: datetime
+    finished_at: datetime | None
+
+    @property
+    def is_final(self) -> bool:
+        """Return whether upstream can no longer change this task."""
+        return self.status in FINAL_STATUSES
+
+
+def record_task(
+    engine: Engine,
+    *,
+    task_id: str,
+    account_id: int,
+    key_id: int,
+    channel: str,
+    model: str,
+    status: str,
+    upstream_body: str,
+    now: datetime,
+) -> None:
+    """Remember a task just created upstream, and who owns it."""
+    with engine.begin() as conn:
+        conn.execute(
+            insert(tasks).values(
+                task_id=task_id,
+                account_id=account_id,
+                key_id=key_id,
+                channel=channel,
+                model=model,
+                status=status,
+                upstream_body=upstream_body,
+                submitted_at=now,
+                refreshed_at=now,
+                finished_at=now if status in FINAL_STATUSES else None,
+            )
+        )
+
+
+def get_owned_task(
+    engine: Engine, account_id: int, task_id: str, submitted_after: datetime
+) -> Task | None:
+    """Return the account's task, or None when it is unknown, another's, or aged out."""
+    query = select(tasks).where(
+        tasks.c.task_id == task_id,
+        tasks.c.account_id == account_id,
+        tasks.c.submitted_at > submitted_after,
+    )
+    with engine.connect() as conn:
+        row = conn.execute(query).first()
+    return None if row is None else Task(**row._mapping)
+
+
+def claim_refresh(engine: Engine, task_id: str, now: datetime, interval: float) -> bool:
+    """Claim the right to ask upstream about a task; at most one claim wins per interval."""
+    # A conditional update, so the rule holds across threads, workers and instances alike.
+    claim = (
+        update(tasks)
+        .where(
+            tasks.c.task_id == task_id,
+            tasks.c.refreshed_at <= now - timedelta(seconds=interval),
+            tasks.c.status.not_in(FINAL_STATUSES),
+        )
+        .values(refreshed_at=now)
+    )
+    with engine.begin() as conn:
+        return conn.execute(claim).rowcount == 1
+
+
+def record_answer(
+    engine: Engine, task_id: str, status: str, upstream_body: str, now: datetime
+) -> None:
+    """Store the latest upstream answer, unless the task had already finished."""
+    change = (
+        update(tasks)
+        .where(tasks.c.task_id == task_id, tasks.c.status.not_in(FINAL_STATUSES))
+        .values(
+            status=status,
+            upstream_body=upstream_body,
+            finished_at=now if status in FINAL_STATUSES else None,
+        )
+    )
+    with engine.begin() as conn:
+        conn.execute(change)

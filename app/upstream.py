@@ -1,0 +1,204 @@
+"""The DashScope client: a Session per thread, timeouts, retries and typed exceptions."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
+from urllib3.util.retry import Retry
+
+from app.config import Channel
+
+USER_AGENT = "bailian-gateway/0.1"
+# Headers a client may send that DashScope honours and that mean the same through a gateway.
+FORWARDED_SUBMIT_HEADERS = ("X-DashScope-DataInspection",)
+
+
+class UpstreamError(Exception):
+    """DashScope could not be asked, or did not answer usably."""
+
+    # True when the request provably created nothing upstream, so another channel may be tried.
+    nothing_created: ClassVar[bool] = False
+
+    def __init__(self, channel: str, detail: str) -> None:
+        super().__init__(f"channel {channel}: {detail}")
+        self.channel = channel
+
+
+class UpstreamUnreachable(UpstreamError):
+    """The connection failed before the request was sent."""
+
+    nothing_created = True
+
+
+class UpstreamTimeout(UpstreamError):
+    """The request was sent but no answer came within the read timeout."""
+
+
+class UpstreamBrokenAnswer(UpstreamError):
+    """The connection broke after sending, or the answer was not DashScope's JSON."""
+
+
+@dataclass(frozen=True)
+class UpstreamAnswer:
+    """An HTTP answer from DashScope: its status, its bytes as sent, and its parsed JSON."""
+
+    status: int
+    body: bytes
+    data: dict[str, Any]
+
+    @property
+    def output(self) -> dict[str, Any]:
+        """Return the answer's `output` object, or an empty one."""
+        output = self.data.get("output")
+        return output if isinstance(output, dict) else {}
+
+    @property
+    def request_id(self) -> str | None:
+        """Return DashScope's request id."""
+        value = self.data.get("request_id")
+        return value if isinstance(value, str) else None
+
+    @property
+    def task_id(self) -> str | None:
+        """Return the task id in the answer, if any."""
+        value = self.output.get("task_id")
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def task_status(self) -> str | None:
+        """Return the task status in the answer, if any."""
+        value = self.output.get("task_status")
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def code(self) -> str | None:
+        """Return the error code of an error answer."""
+        value = self.data.get("code")
+        return value if isinstance(value, str) else None
+
+
+def _is_connect_failure(exc: requests.ConnectionError) -> bool:
+    # requests wraps urllib3's MaxRetryError; its reason tells "never connected" from
+    # "connected, sent, then lost the connection", which may have created a task.
+    reason = exc.args[0] if exc.args else None
+    if isinstance(reason, MaxRetryError):
+        reason = reason.reason
+    return isinstance(reason, NewConnectionError | ConnectTimeoutError)
+
+
+class DashScopeClient:
+    """Submit tasks to and query tasks from DashScope channels."""
+
+    def __init__(self, connect_timeout: float, read_timeout: float, query_retries: int = 2) -> None:
+        self.timeout = (connect_timeout, read_timeout)
+        self.query_retries = query_retries
+        self._local = threading.local()
+
+    def _sessions(self) -> tuple[requests.Session, requests.Session]:
+        # One pair per thread: requests.Session is not thread-safe, and a thread's session
+        # keeps its upstream connections alive between requests.
+        sessions = getattr(self._local, "sessions", None)
+        if sessions is None:
+            # Submits never retry inside the client: a resend may bill a second video, and
+            # failing over to another channel is the caller's decision.
+            submit = self._new_session(Retry(total=0, read=False, redirect=False))
+            query = self._new_session(
+                Retry(
+                    total=self.query_retries,
+                    connect=self.query_retries,
+                    read=0,
+                    status=self.query_retries,
+                    other=0,
+                    redirect=False,
+                    allowed_methods=frozenset({"GET"}),
+                    status_forcelist=frozenset({502, 503, 504}),
+                    backoff_factor=0.2,
+                    backoff_max=2.0,
+                    raise_on_status=False,
+                    respect_retry_after_header=False,
+                )
+            )
+            sessions = self._local.sessions = (submit, query)
+        return sessions
+
+    @staticmethod
+    def _new_session(retry: Retry) -> requests.Session:
+        session = requests.Session()
+        # Proxies and .netrc from the environment would be read on every request; a
+        # gateway's upstream route is its configuration, not its environment.
+        session.trust_env = False
+        adapter = HTTPAdapter(max_retries=retry, pool_connections=8, pool_maxsize=4)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.headers["User-Agent"] = USER_AGENT
+        return session
+
+    @staticmethod
+    def _headers(channel: Channel) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {channel.api_key}"}
+        if channel.workspace:
+            headers["X-DashScope-WorkSpace"] = channel.workspace
+        return headers
+
+    def submit_task(
+        self,
+        channel: Channel,
+        service_path: str,
+        body: bytes,
+        client_headers: dict[str, str] | None = None,
+    ) -> UpstreamAnswer:
+        """Send a client's submit body unchanged to the channel, asynchronously."""
+        headers = self._headers(channel)
+        headers["Content-Type"] = "application/json"
+        headers["X-DashScope-Async"] = "enable"
+        for name in FORWARDED_SUBMIT_HEADERS:
+            if client_headers and name in client_headers:
+                headers[name] = client_headers[name]
+        url = f"{channel.base_url}/api/v1/{service_path}"
+        submit_session, _ = self._sessions()
+        return self._send(channel, submit_session, "POST", url, headers, body)
+
+    def query_task(self, channel: Channel, task_id: str) -> UpstreamAnswer:
+        """Ask the channel that created a task about its status."""
+        url = f"{channel.base_url}/api/v1/tasks/{task_id}"
+        _, query_session = self._sessions()
+        return self._send(channel, query_session, "GET", url, self._headers(channel), None)
+
+    def _send(
+        self,
+        channel: Channel,
+        session: requests.Session,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes | None,
+    ) -> UpstreamAnswer:
+        try:
+            response = session.request(
+                method, url, headers=headers, data=body, timeout=self.timeout, allow_redirects=False
+            )
+        except requests.ConnectTimeout:
+            raise UpstreamUnreachable(channel.name, "connect timeout") from None
+        except requests.ReadTimeout:
+            raise UpstreamTimeout(channel.name, "read timeout") from None
+        except requests.ConnectionError as exc:
+            if _is_connect_failure(exc):
+                raise UpstreamUnreachable(channel.name, "connection failed") from None
+            raise UpstreamBrokenAnswer(channel.name, "connection lost after sending") from None
+        except requests.RequestException as exc:
+            raise UpstreamBrokenAnswer(channel.name, type(exc).__name__) from None
+        try:
+            data = json.loads(response.content)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise UpstreamBrokenAnswer(
+                channel.name, f"HTTP {response.status_code} answer is not a JSON object"
+            )
+        return UpstreamAnswer(status=response.status_code, body=response.content, data=data)

@@ -1,0 +1,314 @@
+"""A DashScope async video API simulator that speaks the upstream wire protocol."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+DEFAULTS: dict[str, Any] = {
+    "keys": None,
+    "pending_seconds": 0.5,
+    "running_seconds": 1.0,
+    "latency_ms": 0,
+}
+
+SUBMIT_PATHS = (
+    "/api/v1/services/aigc/video-generation/video-synthesis",
+    "/api/v1/services/aigc/image2video/video-synthesis",
+)
+
+SLEEP_MARKER = re.compile(r"\[sleep=(\d+(?:\.\d*)?|\.\d+)\]")
+
+# Codes for errors Flask raises itself (routing, body parsing), in DashScope's vocabulary.
+HTTP_CODES = {
+    400: "InvalidParameter",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    408: "RequestTimeOut",
+    413: "BadRequest.TooLarge",
+    500: "InternalError",
+}
+
+FAILED_MESSAGE = "The algorithm failed to generate the video, please try again later."
+
+
+@dataclass
+class Task:
+    """One submitted task; its status is derived from the clock, not stored."""
+
+    task_id: str
+    owner: str
+    model: str
+    prompt: str
+    body: dict[str, Any]
+    created: float
+    fail: bool = False
+    canceled_at: float | None = None
+
+
+@dataclass
+class State:
+    """Everything the simulator remembers, shared across request threads."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    tasks: dict[str, Task] = field(default_factory=dict)
+    requests_total: int = 0
+    submits: int = 0
+    queries: int = 0
+    cancels: int = 0
+    queries_by_task: Counter[str] = field(default_factory=Counter)
+    last_submit: dict[str, Any] | None = None
+
+    def reset(self) -> None:
+        """Forget every task and counter."""
+        with self.lock:
+            self.tasks.clear()
+            self.requests_total = self.submits = self.queries = self.cancels = 0
+            self.queries_by_task.clear()
+            self.last_submit = None
+
+
+def format_time(ts: float) -> str:
+    """Format an epoch timestamp the way DashScope does: YYYY-MM-DD HH:MM:SS.mmm."""
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def new_id() -> str:
+    """Return a fresh request or task id."""
+    return str(uuid.uuid4())
+
+
+def error(status: int, code: str, message: str) -> tuple[Response, int]:
+    """Build a DashScope-shaped error answer."""
+    return jsonify(request_id=new_id(), code=code, message=message), status
+
+
+def resolution_sr(parameters: dict[str, Any]) -> int:
+    """Turn a resolution like "720P" into the usage SR number (480 when absent or odd)."""
+    value = str(parameters.get("resolution") or "").strip().upper().removesuffix("P")
+    return int(value) if value.isdigit() else 480
+
+
+def create_simulator(config: dict[str, Any] | None = None) -> Flask:
+    """Build a Flask app that simulates DashScope's async video API."""
+    cfg = {**DEFAULTS, **(config or {})}
+    accepted = set(cfg["keys"] or [])
+    pending = float(cfg["pending_seconds"])
+    running = float(cfg["running_seconds"])
+    latency = float(cfg["latency_ms"]) / 1000.0
+    state = State()
+
+    app = Flask(__name__)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["simulator"] = state
+
+    def authenticate() -> str | tuple[Response, int]:
+        """Return the caller's key, or the 401 answer DashScope would give."""
+        header = request.headers.get("Authorization", "").strip()
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if not header or (scheme.lower() == "bearer" and not token):
+            return error(401, "InvalidApiKey", "No API-key provided.")
+        if scheme.lower() != "bearer" or (accepted and token not in accepted):
+            return error(401, "InvalidApiKey", "Invalid API-key provided.")
+        return token
+
+    def visible_task(task_id: str, key: str) -> Task | None:
+        """Return the task if it exists and belongs to this key, as DashScope scopes them."""
+        with state.lock:
+            task = state.tasks.get(task_id)
+        return task if task is not None and task.owner == key else None
+
+    def status_of(task: Task, now: float) -> str:
+        """Derive a task's status from how long ago it was submitted."""
+        if task.canceled_at is not None:
+            return "CANCELED"
+        elapsed = now - task.created
+        if elapsed < pending:
+            return "PENDING"
+        if elapsed < pending + running:
+            return "RUNNING"
+        return "FAILED" if task.fail else "SUCCEEDED"
+
+    @app.before_request
+    def count_and_delay() -> None:
+        # Latency applies to every upstream call so benchmarks see a realistic round trip.
+        if not request.path.startswith("/api/v1/"):
+            return
+        with state.lock:
+            state.requests_total += 1
+        if latency > 0:
+            time.sleep(latency)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        # Clients (the SDK included) only read code/message from JSON bodies, never HTML.
+        status = exc.code or 500
+        code = HTTP_CODES.get(status, (exc.name or "Error").replace(" ", ""))
+        return error(status, code, exc.description or exc.name or "")
+
+    @app.post(SUBMIT_PATHS[0])
+    @app.post(SUBMIT_PATHS[1])
+    def submit() -> Any:
+        """Accept an async video task."""
+        body = request.get_json(force=True, silent=True)
+        with state.lock:
+            state.submits += 1
+            state.last_submit = {
+                "headers": {k.lower(): v for k, v in request.headers.items()},
+                "body": body,
+                "path": request.path,
+            }
+
+        key = authenticate()
+        if not isinstance(key, str):
+            return key
+        if request.headers.get("X-DashScope-Async", "").strip().lower() != "enable":
+            return error(403, "AccessDenied", "current user api does not support synchronous calls")
+        if not isinstance(body, dict):
+            return error(400, "InvalidParameter", "The request body must be a JSON object.")
+        if not body.get("model"):
+            return error(400, "BadRequest.EmptyModel", 'Required parameter "model" missing.')
+        if "input" not in body or body["input"] is None:
+            return error(400, "BadRequest.EmptyInput", 'Required parameter "input" missing.')
+        if not isinstance(body["input"], dict):
+            return error(400, "InvalidParameter", 'Parameter "input" must be an object.')
+
+        prompt = body["input"].get("prompt")
+        prompt = prompt if isinstance(prompt, str) else ""
+        if match := SLEEP_MARKER.search(prompt):
+            time.sleep(float(match.group(1)))
+        if "[moderate]" in prompt:
+            return error(
+                400, "DataInspectionFailed", "Input data may contain inappropriate content."
+            )
+        if "[throttle]" in prompt:
+            return error(
+                429, "Throttling.RateQuota", "Requests rate limit exceeded, please try again later."
+            )
+        if "[error500]" in prompt:
+            return error(500, "InternalError", "An internal error has occured, please try again.")
+
+        task = Task(
+            task_id=new_id(),
+            owner=key,
+            model=str(body["model"]),
+            prompt=prompt,
+            body=body,
+            created=time.time(),
+            fail="[fail]" in prompt,
+        )
+        with state.lock:
+            state.tasks[task.task_id] = task
+        return jsonify(
+            request_id=new_id(), output={"task_id": task.task_id, "task_status": "PENDING"}
+        )
+
+    @app.get("/api/v1/tasks/<task_id>")
+    def query(task_id: str) -> Any:
+        """Report a task's current state."""
+        with state.lock:
+            state.queries += 1
+            state.queries_by_task[task_id] += 1
+        key = authenticate()
+        if not isinstance(key, str):
+            return key
+        task = visible_task(task_id, key)
+        if task is None:
+            # DashScope hides foreign and expired tasks behind UNKNOWN with HTTP 200.
+            return jsonify(
+                request_id=new_id(), output={"task_id": task_id, "task_status": "UNKNOWN"}
+            )
+
+        now = time.time()
+        status = status_of(task, now)
+        scheduled = task.created + pending
+        finished = scheduled + running
+        output: dict[str, Any] = {
+            "task_id": task.task_id,
+            "task_status": status,
+            "submit_time": format_time(task.created),
+        }
+        answer: dict[str, Any] = {"request_id": new_id(), "output": output}
+        if status == "CANCELED":
+            output["end_time"] = format_time(task.canceled_at or now)
+            return jsonify(answer)
+        if status != "PENDING":
+            output["scheduled_time"] = format_time(scheduled)
+        if status == "SUCCEEDED":
+            parameters = task.body.get("parameters")
+            parameters = parameters if isinstance(parameters, dict) else {}
+            output["end_time"] = format_time(finished)
+            output["video_url"] = (
+                f"{request.host_url}videos/{task.task_id}.mp4"
+                f"?Expires={int(finished) + 86400}&Signature=simulated"
+            )
+            output["orig_prompt"] = task.prompt
+            answer["usage"] = {
+                "duration": parameters.get("duration") or 5,
+                "SR": resolution_sr(parameters),
+                "video_count": 1,
+            }
+        elif status == "FAILED":
+            output["end_time"] = format_time(finished)
+            output["code"] = "InternalError.Algo"
+            output["message"] = FAILED_MESSAGE
+        return jsonify(answer)
+
+    @app.post("/api/v1/tasks/<task_id>/cancel")
+    def cancel(task_id: str) -> Any:
+        """Cancel a task that is still PENDING."""
+        with state.lock:
+            state.cancels += 1
+        key = authenticate()
+        if not isinstance(key, str):
+            return key
+        task = visible_task(task_id, key)
+        if task is None:
+            return error(404, "NotFound", f"Task {task_id} not found.")
+        with state.lock:
+            # Check and flip under the lock so a racing cancel cannot succeed twice.
+            if status_of(task, time.time()) != "PENDING":
+                return error(
+                    400,
+                    "UnsupportedOperation",
+                    "Failed to cancel the task, please confirm if the task status is PENDING.",
+                )
+            task.canceled_at = time.time()
+        return jsonify(request_id=new_id())
+
+    @app.get("/videos/<task_id>.mp4")
+    def video(task_id: str) -> Response:
+        """Serve a placeholder file so returned video URLs resolve."""
+        return Response(b"\x00\x00\x00\x18ftypmp42simulated", mimetype="video/mp4")
+
+    @app.get("/_sim/stats")
+    def stats() -> Any:
+        """Expose counters and the last submit so tests can see what reached upstream."""
+        with state.lock:
+            return jsonify(
+                requests_total=state.requests_total,
+                submits=state.submits,
+                queries=state.queries,
+                cancels=state.cancels,
+                queries_by_task=dict(state.queries_by_task),
+                tasks=len(state.tasks),
+                last_submit=state.last_submit,
+            )
+
+    @app.post("/_sim/reset")
+    def reset() -> Any:
+        """Forget every task and counter."""
+        state.reset()
+        return jsonify(ok=True)
+
+    return app
