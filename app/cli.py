@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from flask import Flask
 from flask.cli import AppGroup, FlaskGroup
 
 from app.gateway import current_gateway
@@ -45,7 +46,7 @@ def list_keys_command() -> None:
         )
 
 
-def _create_app() -> object:
+def _create_app() -> Flask:
     from app import create_app
 
     return create_app()

@@ -128,8 +128,10 @@ def _read_file(path: str) -> dict[str, Any]:
     return loaded
 
 
-def _build_channels(path: str, sections: list[dict], environ: Mapping[str, str]) -> tuple:
-    channels = []
+def _build_channels(
+    path: str, sections: list[dict[str, Any]], environ: Mapping[str, str]
+) -> tuple[Channel, ...]:
+    channels: list[Channel] = []
     for index, section in enumerate(sections):
         where = f"{path}: channels[{index}]"
         if section["name"] in {channel.name for channel in channels}:

@@ -36,7 +36,7 @@ class _OpenSchema(Schema):
         unknown = INCLUDE
 
 
-def _optional(field: type[fields.Field], **kwargs: Any) -> Any:
+def _optional(field: type[fields.Field[Any]], **kwargs: Any) -> Any:
     # null is how JSON clients say "not set"; upstream decides what it means.
     return field(allow_none=True, **kwargs)
 
@@ -93,7 +93,8 @@ def first_error(messages: Any, path: str = "") -> str:
     """Return the first marshmallow error as `field.path: message`."""
     if isinstance(messages, dict):
         key, value = next(iter(messages.items()))
-        if key == "_schema":
+        # "_schema" holds whole-object errors; fields.Dict nests per-entry "key"/"value" errors.
+        if key in ("_schema", "key", "value"):
             return first_error(value, path)
         child = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
         return first_error(value, child)

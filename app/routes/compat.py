@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import timedelta
 
 from flask import Blueprint, Response, g, request
@@ -29,8 +30,8 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("compat", __name__)
 
-# DashScope's task ids are UUIDs; anything far longer is not one of ours, whatever it is.
-MAX_TASK_ID_LENGTH = 64
+# DashScope's task ids are UUIDs; anything else is not one of ours and never reaches the database.
+TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @bp.post("/services/aigc/<any('video-generation', 'image2video'):group>/video-synthesis")
@@ -119,7 +120,7 @@ def get_owned_task_or_fail(caller: Caller, task_id: str) -> Task:
     """Return the caller's account's task, or the one answer that leaks nothing."""
     gateway = current_gateway()
     task = None
-    if len(task_id) <= MAX_TASK_ID_LENGTH:
+    if TASK_ID_PATTERN.fullmatch(task_id):
         oldest = utcnow() - timedelta(hours=gateway.settings.retention_hours)
         task = get_owned_task(gateway.engine, caller.account_id, task_id, oldest)
     if task is None:

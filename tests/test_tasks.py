@@ -1,0 +1,191 @@
+"""Querying tasks: ownership, the task's own channel, stored final answers, bounded refresh."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import requests
+import responses
+from flask import Flask
+from flask.testing import FlaskClient
+
+from tests.conftest import BASE_CONFIG, PRIMARY, PRIMARY_UPSTREAM_KEY, SUBMIT_PATH, bearer, new_key
+
+TASK_ID = "0385dc79-5ff8-4d82-bcb6-caa4a9f7a3d9"
+UPSTREAM_SUBMIT = f"{PRIMARY}/api/v1/services/aigc/video-generation/video-synthesis"
+UPSTREAM_TASK = f"{PRIMARY}/api/v1/tasks/{TASK_ID}"
+NOT_EXIST = {"code": "task_not_exist", "message": "task_not_exist", "data": None}
+
+
+def task_answer(status: str, **output: Any) -> dict[str, Any]:
+    """Return DashScope's answer to a task query."""
+    body: dict[str, Any] = {
+        "request_id": f"up-{status}",
+        "output": {"task_id": TASK_ID, "task_status": status, **output},
+    }
+    if status == "SUCCEEDED":
+        body["usage"] = {"duration": 5, "SR": 480, "video_count": 1}
+    return body
+
+
+def submit(client: FlaskClient, key: str, upstream: responses.RequestsMock) -> None:
+    """Submit one task through the gateway, DashScope accepting it as TASK_ID."""
+    upstream.post(
+        UPSTREAM_SUBMIT,
+        json={"request_id": "s", "output": {"task_id": TASK_ID, "task_status": "PENDING"}},
+    )
+    body = {"model": "wan2.5-t2v-preview", "input": {"prompt": "p"}}
+    assert client.post(SUBMIT_PATH, json=body, headers=bearer(key)).status_code == 200
+
+
+def without_request_id(body: dict[str, Any]) -> dict[str, Any]:
+    """Return the body without its request_id, which differs on every answer."""
+    return {k: v for k, v in body.items() if k != "request_id"}
+
+
+def test_query_asks_the_creating_channel_and_returns_its_answer(
+    client: FlaskClient, api_key: str, upstream: responses.RequestsMock
+) -> None:
+    submit(client, api_key, upstream)
+    running = task_answer("RUNNING", submit_time="2026-11-24 10:00:00.000")
+    upstream.get(UPSTREAM_TASK, json=running)
+
+    response = client.get(f"/alibailian/api/v1/tasks/{TASK_ID}", headers=bearer(api_key))
+
+    assert (response.status_code, response.json) == (200, running)
+    assert upstream.calls[1].request.headers["Authorization"] == f"Bearer {PRIMARY_UPSTREAM_KEY}"
+    assert response.headers["X-Request-Id"] == "up-RUNNING"
+
+
+def test_every_key_of_the_account_sees_its_tasks(
+    app: Flask, client: FlaskClient, api_key: str, upstream: responses.RequestsMock
+) -> None:
+    submit(client, api_key, upstream)
+    upstream.get(UPSTREAM_TASK, json=task_answer("RUNNING"))
+    second_key = new_key(app, "acme")
+
+    response = client.get(f"/alibailian/api/v1/tasks/{TASK_ID}", headers=bearer(second_key))
+
+    assert response.json["output"]["task_status"] == "RUNNING"
+
+
+@pytest.mark.parametrize(
+    "task_id",
+    [TASK_ID, "7c4a1e0b-0000-4000-8000-000000000000", "not-a-uuid", "x" * 500, "%00"],
+    ids=["another-accounts", "unknown", "malformed", "huge", "nul"],
+)
+def test_foreign_unknown_and_malformed_tasks_look_the_same(
+    app: Flask, client: FlaskClient, api_key: str, upstream: responses.RequestsMock, task_id: str
+) -> None:
+    submit(client, api_key, upstream)
+    stranger = new_key(app, "someone-else")
+
+    response = client.get(f"/alibailian/api/v1/tasks/{task_id}", headers=bearer(stranger))
+
+    assert response.status_code == 400
+    assert response.mimetype == "application/json"
+    assert without_request_id(response.json) == NOT_EXIST
+    assert len(upstream.calls) == 1  # the submit only: a stranger's query never goes upstream
+
+
+def test_final_answers_are_served_from_the_store(
+    client: FlaskClient, api_key: str, upstream: responses.RequestsMock
+) -> None:
+    submit(client, api_key, upstream)
+    done = task_answer("SUCCEEDED", video_url="https://oss/v.mp4", end_time="2026")
+    upstream.get(UPSTREAM_TASK, json=done)
+    url = f"/alibailian/api/v1/tasks/{TASK_ID}"
+
+    first = client.get(url, headers=bearer(api_key))
+    again = [client.get(url, headers=bearer(api_key)) for _ in range(3)]
+
+    assert first.json == done
+    assert all(without_request_id(r.json) == without_request_id(done) for r in again)
+    assert len({r.json["request_id"] for r in again}) == 3
+    assert len(upstream.calls) == 2  # submit + one query
+
+
+def test_running_tasks_are_refreshed_at_most_once_per_interval(
+    make_app: Any, upstream: responses.RequestsMock
+) -> None:
+    app = make_app(BASE_CONFIG.replace("refresh_interval = 0", "refresh_interval = 0.5"))
+    client, key = app.test_client(), new_key(app)
+    submit(client, key, upstream)
+    upstream.get(UPSTREAM_TASK, json=task_answer("RUNNING"))
+    url = f"/alibailian/api/v1/tasks/{TASK_ID}"
+
+    early = [client.get(url, headers=bearer(key)).json for _ in range(5)]
+    time.sleep(0.6)
+    later = [client.get(url, headers=bearer(key)).json for _ in range(5)]
+
+    assert {body["output"]["task_status"] for body in early} == {"PENDING"}
+    assert {body["output"]["task_status"] for body in later} == {"RUNNING"}
+    assert len(upstream.calls) == 2  # submit + one refresh for ten polls
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        {"body": requests.ConnectionError("refused")},
+        {"body": requests.ReadTimeout("slow")},
+        {"status": 429, "json": {"request_id": "r", "code": "Throttling", "message": "slow"}},
+        {"status": 401, "json": {"request_id": "r", "code": "InvalidApiKey", "message": "bad"}},
+        {"status": 500, "json": {"request_id": "r", "code": "InternalError", "message": "x"}},
+        {"status": 502, "body": "<html>bad gateway</html>"},
+    ],
+    ids=["refused", "timeout", "throttled", "channel-key-refused", "5xx", "html"],
+)
+def test_a_failed_refresh_serves_the_last_known_status(
+    client: FlaskClient, api_key: str, upstream: responses.RequestsMock, failure: dict[str, Any]
+) -> None:
+    submit(client, api_key, upstream)
+    upstream.get(UPSTREAM_TASK, **failure)
+
+    response = client.get(f"/alibailian/api/v1/tasks/{TASK_ID}", headers=bearer(api_key))
+
+    assert response.status_code == 200
+    assert response.json["output"] == {"task_id": TASK_ID, "task_status": "PENDING"}
+
+
+def test_a_stored_final_status_is_never_downgraded(
+    app: Flask, client: FlaskClient, api_key: str, upstream: responses.RequestsMock
+) -> None:
+    submit(client, api_key, upstream)
+    upstream.get(UPSTREAM_TASK, json=task_answer("FAILED", code="InternalError.Algo", message="m"))
+    url = f"/alibailian/api/v1/tasks/{TASK_ID}"
+
+    client.get(url, headers=bearer(api_key))
+    stored = client.get(url, headers=bearer(api_key))
+
+    assert stored.json["output"]["task_status"] == "FAILED"
+    assert stored.json["output"]["code"] == "InternalError.Algo"
+    assert "code" not in stored.json  # FAILED details stay inside output, as DashScope puts them
+
+
+def test_tasks_older_than_retention_are_gone(
+    make_app: Any, upstream: responses.RequestsMock
+) -> None:
+    app = make_app(BASE_CONFIG.replace("[tasks]", "[tasks]\nretention_hours = 0.0001"))
+    client, key = app.test_client(), new_key(app)
+    submit(client, key, upstream)
+    time.sleep(0.5)
+
+    response = client.get(f"/alibailian/api/v1/tasks/{TASK_ID}", headers=bearer(key))
+
+    assert without_request_id(response.json) == NOT_EXIST
+
+
+def test_stored_bodies_keep_upstream_bytes(
+    app: Flask, client: FlaskClient, api_key: str, upstream: responses.RequestsMock
+) -> None:
+    submit(client, api_key, upstream)
+    upstream.get(UPSTREAM_TASK, body=json.dumps(task_answer("SUCCEEDED", orig_prompt="猫")))
+
+    response = client.get(f"/alibailian/api/v1/tasks/{TASK_ID}", headers=bearer(api_key))
+    again = client.get(f"/alibailian/api/v1/tasks/{TASK_ID}", headers=bearer(api_key))
+
+    assert response.json["output"]["orig_prompt"] == "猫"
+    assert again.json["output"]["orig_prompt"] == "猫"
