@@ -36,7 +36,7 @@ def register_gateway(app: Flask, environ: Mapping[str, str]) -> None:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["gateway"] = Gateway(
         settings=settings,
-        engine=open_engine(database_url),
+        engine=open_engine(database_url, settings.pool_size, settings.max_overflow),
         client=DashScopeClient(
             settings.connect_timeout, settings.read_timeout, settings.query_retries
         ),

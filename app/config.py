@@ -46,6 +46,8 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     refresh_interval: float = 3.0
     retention_hours: float = 24.0
+    pool_size: int = 10
+    max_overflow: int = 10
     channels: tuple[Channel, ...] = ()
     prices: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
@@ -87,6 +89,11 @@ class _TasksSection(_StrictSchema):
     retention_hours = fields.Float(validate=validate.Range(min=0, min_inclusive=False))
 
 
+class _DatabaseSection(_StrictSchema):
+    pool_size = fields.Integer(strict=True, validate=validate.Range(min=1))
+    max_overflow = fields.Integer(strict=True, validate=validate.Range(min=0))
+
+
 class _ChannelSection(_StrictSchema):
     name = fields.String(required=True, validate=validate.Length(min=1))
     base_url = fields.Url(required=True, schemes={"http", "https"}, require_tld=False)
@@ -109,6 +116,7 @@ class _ConfigFile(_StrictSchema):
     upstream = fields.Nested(_UpstreamSection)
     server = fields.Nested(_ServerSection)
     tasks = fields.Nested(_TasksSection)
+    database = fields.Nested(_DatabaseSection)
     channels = fields.List(fields.Nested(_ChannelSection))
     models = fields.Dict(keys=fields.String(), values=fields.Nested(_ModelSection))
 
@@ -165,6 +173,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
     data = _read_file(path)
     upstream = data.get("upstream", {})
     tasks = data.get("tasks", {})
+    database = data.get("database", {})
     return Settings(
         database_url=database_url,
         config_path=str(Path(path).resolve()),
@@ -174,6 +183,8 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         max_body_bytes=data.get("server", {}).get("max_body_bytes", DEFAULT_MAX_BODY_BYTES),
         refresh_interval=tasks.get("refresh_interval", Settings.refresh_interval),
         retention_hours=tasks.get("retention_hours", Settings.retention_hours),
+        pool_size=database.get("pool_size", Settings.pool_size),
+        max_overflow=database.get("max_overflow", Settings.max_overflow),
         channels=_build_channels(path, data.get("channels", []), environ),
         prices={
             model: dict(section["price_per_second"])

@@ -24,13 +24,20 @@ def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def open_engine(url: str, pool_size: int = 20) -> Engine:
+def open_engine(url: str, pool_size: int = 10, max_overflow: int = 10) -> Engine:
     """Create the engine for a database URL and make sure the schema exists."""
-    if url.startswith("sqlite"):
-        engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size)
+    # Each gunicorn worker has its own pool; a thread holds a connection only for one short
+    # query, so a pool far smaller than the thread count serves them all.
+    is_sqlite = url.startswith("sqlite")
+    engine = create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        # A server can restart under a pool; a local file cannot go stale that way.
+        pool_pre_ping=not is_sqlite,
+    )
+    if is_sqlite:
         event.listen(engine, "connect", _tune_sqlite)
-    else:
-        engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
     create_schema(engine)
     return engine
 
