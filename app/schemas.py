@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import INCLUDE, Schema, ValidationError, fields, validate
+from marshmallow import EXCLUDE, INCLUDE, Schema, ValidationError, fields, validate
 
 MAX_SEED = 2_147_483_647
+TASK_STATUSES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN")
+# DashScope's task-list time filters: YYYYMMDDhhmmss (taken as UTC here).
+LIST_TIME_FORMAT = "%Y%m%d%H%M%S"
 
 
 class StrictBoolean(fields.Boolean):
@@ -106,3 +109,21 @@ def first_error(messages: Any, path: str = "") -> str:
 def validation_message(error: ValidationError) -> str:
     """Return a client-facing message naming the first invalid field."""
     return first_error(error.messages)
+
+
+class TaskListQuerySchema(Schema):
+    """The query string of `GET /tasks`, as DashScope's task list takes it."""
+
+    class Meta:
+        # DashScope's own filters that mean nothing here (api_key_id, region) are ignored.
+        unknown = EXCLUDE
+
+    page_no = fields.Integer(load_default=1, validate=validate.Range(min=1))
+    page_size = fields.Integer(load_default=10, validate=validate.Range(min=1, max=100))
+    status = fields.String(validate=validate.OneOf(TASK_STATUSES))
+    model_name = fields.String()
+    start_time = fields.DateTime(format=LIST_TIME_FORMAT)
+    end_time = fields.DateTime(format=LIST_TIME_FORMAT)
+
+
+task_list_query_schema = TaskListQuerySchema()

@@ -170,6 +170,12 @@ class DashScopeClient:
         _, query_session = self._sessions()
         return self._send(channel, query_session, "GET", url, self._headers(channel), None)
 
+    def cancel_task(self, channel: Channel, task_id: str) -> UpstreamAnswer:
+        """Ask the channel that created a task to cancel it."""
+        url = f"{channel.base_url}/api/v1/tasks/{task_id}/cancel"
+        submit_session, _ = self._sessions()  # no retries: cancel is not idempotent upstream
+        return self._send(channel, submit_session, "POST", url, self._headers(channel), None)
+
     def _send(
         self,
         channel: Channel,

@@ -5,21 +5,30 @@ from __future__ import annotations
 import json
 import logging
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from flask import Blueprint, Response, g, request
+from marshmallow import ValidationError
 
 from app.auth import authenticate
 from app.channels import submit_with_failover
 from app.config import Channel
 from app.errors import ApiError, model_not_found, task_not_exist
 from app.gateway import current_gateway
-from app.schemas import first_error, video_synthesis_request_schema
+from app.schemas import (
+    first_error,
+    task_list_query_schema,
+    validation_message,
+    video_synthesis_request_schema,
+)
 from app.store import (
     Caller,
     Task,
     claim_refresh,
+    force_refresh,
     get_owned_task,
+    list_owned_tasks,
     record_answer,
     record_task,
     utcnow,
@@ -69,6 +78,43 @@ def get_task(task_id: str) -> Response:
     return stored_answer(task) if answer is None else native_response(answer)
 
 
+@bp.post("/tasks/<task_id>/cancel")
+def cancel_task(task_id: str) -> Response:
+    """Ask the task's own channel to cancel a PENDING task."""
+    caller = authenticate()
+    task = get_owned_task_or_fail(caller, task_id)
+    gateway = current_gateway()
+    channel = gateway.pool.get(task.channel)
+    if task.is_final or channel is None:
+        raise cannot_cancel()
+    answer = gateway.client.cancel_task(channel, task.task_id)
+    if answer.status in (401, 403):
+        raise UpstreamBrokenAnswer(
+            channel.name, f"cancel refused the channel key ({answer.status})"
+        )
+    if answer.status == 200:
+        force_refresh(gateway.engine, task.task_id)
+    return native_response(answer)
+
+
+@bp.get("/tasks")
+def list_tasks() -> Response:
+    """List the account's tasks from the store, in DashScope's task-list format."""
+    caller = authenticate()
+    query = load_list_query()
+    total, page = list_owned_tasks(
+        current_gateway().engine,
+        caller.account_id,
+        submitted_after=max(query.get("start_time", datetime.min), retention_cutoff()),
+        submitted_before=query.get("end_time"),
+        status=query.get("status"),
+        model=query.get("model_name"),
+        offset=(query["page_no"] - 1) * query["page_size"],
+        limit=query["page_size"],
+    )
+    return task_list_response(total, page, query["page_no"], query["page_size"])
+
+
 def load_submit_body() -> tuple[bytes, str]:
     """Return the raw submit body and its model, or fail with DashScope's 400."""
     body = request.get_data(cache=False)
@@ -116,13 +162,18 @@ def remember_task(caller: Caller, channel: Channel, model: str, answer: Upstream
     )
 
 
+def retention_cutoff() -> datetime:
+    """Return the submit time before which tasks are forgotten."""
+    return utcnow() - timedelta(hours=current_gateway().settings.retention_hours)
+
+
 def get_owned_task_or_fail(caller: Caller, task_id: str) -> Task:
     """Return the caller's account's task, or the one answer that leaks nothing."""
-    gateway = current_gateway()
     task = None
     if TASK_ID_PATTERN.fullmatch(task_id):
-        oldest = utcnow() - timedelta(hours=gateway.settings.retention_hours)
-        task = get_owned_task(gateway.engine, caller.account_id, task_id, oldest)
+        task = get_owned_task(
+            current_gateway().engine, caller.account_id, task_id, retention_cutoff()
+        )
     if task is None:
         raise task_not_exist()
     return task
@@ -147,6 +198,52 @@ def refresh_task(channel: Channel, task: Task) -> UpstreamAnswer | None:
         return None
     record_answer(gateway.engine, task.task_id, answer.task_status, answer.body.decode(), utcnow())
     return answer
+
+
+def load_list_query() -> dict[str, Any]:
+    """Return the validated task-list query string, or fail with DashScope's 400."""
+    try:
+        query: dict[str, Any] = task_list_query_schema.load(request.args.to_dict())
+    except ValidationError as error:
+        raise ApiError(400, "InvalidParameter", validation_message(error)) from None
+    return query
+
+
+def cannot_cancel() -> ApiError:
+    """Return DashScope's error for cancelling a task that is no longer PENDING."""
+    return ApiError(
+        400,
+        "UnsupportedOperation",
+        "Failed to cancel the task, please confirm if the task status is PENDING.",
+    )
+
+
+def task_list_response(total: int, page: list[Task], page_no: int, page_size: int) -> Response:
+    """Render a page of tasks the way DashScope's task list does."""
+    body = {
+        "request_id": g.request_id,
+        "total": total,
+        "total_page": -(-total // page_size),
+        "page_no": page_no,
+        "page_size": page_size,
+        "data": [
+            {
+                "task_id": task.task_id,
+                "status": task.status,
+                "model_name": task.model,
+                "api_key_id": str(task.key_id),
+                "gmt_create": epoch_ms(task.submitted_at),
+                "end_time": epoch_ms(task.finished_at) if task.finished_at else None,
+            }
+            for task in page
+        ],
+    }
+    return Response(json.dumps(body), status=200, mimetype="application/json")
+
+
+def epoch_ms(moment: datetime) -> int:
+    """Return a naive UTC time as epoch milliseconds."""
+    return int(moment.replace(tzinfo=UTC).timestamp() * 1000)
 
 
 def stored_answer(task: Task) -> Response:

@@ -2,7 +2,15 @@
 
 from app.store.engine import open_engine
 from app.store.keys import Caller, KeyInfo, create_key, find_caller, list_keys, revoke_key
-from app.store.tasks import Task, claim_refresh, get_owned_task, record_answer, record_task
+from app.store.tasks import (
+    Task,
+    claim_refresh,
+    force_refresh,
+    get_owned_task,
+    list_owned_tasks,
+    record_answer,
+    record_task,
+)
 from app.store.time import utcnow
 
 __all__ = [
@@ -12,8 +20,10 @@ __all__ = [
     "claim_refresh",
     "create_key",
     "find_caller",
+    "force_refresh",
     "get_owned_task",
     "list_keys",
+    "list_owned_tasks",
     "open_engine",
     "record_answer",
     "record_task",

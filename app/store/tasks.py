@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, func, insert, select, update
 
 from app.store.tables import tasks
 
@@ -109,3 +109,41 @@ def record_answer(
     )
     with engine.begin() as conn:
         conn.execute(change)
+
+
+def force_refresh(engine: Engine, task_id: str) -> None:
+    """Let the next query of a task go upstream at once (after a cancel, say)."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(tasks)
+            .where(tasks.c.task_id == task_id)
+            .values(refreshed_at=datetime(1970, 1, 1))
+        )
+
+
+def list_owned_tasks(
+    engine: Engine,
+    account_id: int,
+    *,
+    submitted_after: datetime,
+    submitted_before: datetime | None = None,
+    status: str | None = None,
+    model: str | None = None,
+    offset: int = 0,
+    limit: int = 10,
+) -> tuple[int, list[Task]]:
+    """Return how many of the account's tasks match, and one page of them, newest first."""
+    conditions = [tasks.c.account_id == account_id, tasks.c.submitted_at > submitted_after]
+    if submitted_before is not None:
+        conditions.append(tasks.c.submitted_at <= submitted_before)
+    if status is not None:
+        conditions.append(tasks.c.status == status)
+    if model is not None:
+        conditions.append(tasks.c.model == model)
+    page = select(tasks).where(*conditions).order_by(tasks.c.submitted_at.desc())
+    with engine.connect() as conn:
+        total = conn.execute(
+            select(func.count()).select_from(tasks).where(*conditions)
+        ).scalar_one()
+        rows = conn.execute(page.offset(offset).limit(limit)).all()
+    return int(total), [Task(**row._mapping) for row in rows]
