@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test pytest lint format typecheck clean
+.PHONY: install run test pytest lint format typecheck bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt setup.py setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ format: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+bench: $(STAMP) ## Benchmark the gateway against direct and nginx references (bench/README.md).
+	bash bench/run.sh
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache .mypy_cache .ruff_cache

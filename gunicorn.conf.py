@@ -5,7 +5,11 @@ the default holds 2 x 128 = 256 slow upstream calls in flight on a 2-core machin
 flags (`-b HOST:PORT`, `-w N`) still win over everything here, as in any gunicorn setup.
 """
 
+import json
+import logging
 import os
+import shutil
+import tempfile
 
 
 def _env(name, default):
@@ -31,4 +35,128 @@ loglevel = _env("GATEWAY_LOG_LEVEL", "info")
 accesslog = _env("GATEWAY_ACCESS_LOG", None)
 errorlog = _env("GATEWAY_ERROR_LOG", "-")
 # Import the app in each worker (not the master) so a HUP reload picks up new code and config.
+# For the same reason nothing below imports the app: the master must not hold its modules.
 preload_app = _env("GATEWAY_PRELOAD", "false").lower() == "true"
+
+# gunicorn opens a control socket at one path per user by default, so a second master on the
+# machine (another instance, a test run) takes it over and `gunicornc` steers the wrong one, or
+# the first master to stop deletes the other's. Off unless this instance is given its own path.
+_control_socket = _env("GATEWAY_CONTROL_SOCKET", "")
+control_socket_disable = not _control_socket
+if _control_socket:
+    control_socket = _control_socket
+
+
+# ------------------------------------------------------------------ logs: one JSON object a line
+
+# The same fields as app/logs.py's formatter (which the app uses when not under gunicorn).
+_JSON_FORMATTER = {
+    "()": "pythonjsonlogger.json.JsonFormatter",
+    "fmt": "%(levelname)s %(name)s %(message)s",
+    "rename_fields": {"levelname": "level", "name": "logger"},
+    "timestamp": "time",
+}
+
+
+class _AccessFields(logging.Filter):
+    """Turn gunicorn's access-log atoms into a few named fields: never a header or a query."""
+
+    def filter(self, record):
+        atoms = record.args
+        if isinstance(atoms, dict):
+            # The atoms hold every request header (Authorization included): pick, never dump.
+            record.remote_addr = atoms.get("h")
+            record.method = atoms.get("m")
+            record.path = atoms.get("U")
+            record.status = int(atoms["s"]) if str(atoms.get("s", "")).isdigit() else None
+            record.bytes = atoms.get("B")
+            record.duration_ms = round(atoms.get("D", 0) / 1000, 1)
+            # The answer's X-Request-Id: DashScope's id when the answer came from upstream.
+            record.x_request_id = atoms.get("{x-request-id}o")
+            record.user_agent = atoms.get("a")
+            record.msg, record.args = "%s %s %s", (record.method, record.path, record.status)
+        return True
+
+
+def _handler(target, stream):
+    if target is None:
+        return {"class": "logging.NullHandler"}
+    if target == "-":
+        return {"class": "logging.StreamHandler", "stream": f"ext://sys.{stream}"}
+    # A FileHandler, so USR1 (log rotation) reopens it.
+    return {"class": "logging.FileHandler", "filename": target}
+
+
+def _logconfig(level, error_target, access_target):
+    error_handler = {**_handler(error_target, "stderr"), "formatter": "json"}
+    access_handler = {**_handler(access_target, "stdout"), "formatter": "json"}
+    access_handler["filters"] = ["access_fields"]
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": _JSON_FORMATTER},
+        "filters": {"access_fields": {"()": _AccessFields}},
+        "handlers": {"error": error_handler, "access": access_handler},
+        # The app's loggers propagate to the root: its lines share gunicorn's error log.
+        "root": {"level": level, "handlers": ["error"]},
+        "loggers": {
+            "gunicorn.error": {"level": level, "handlers": ["error"], "propagate": False},
+            # gunicorn logs access lines at INFO: WARNING skips building a record nobody writes.
+            "gunicorn.access": {
+                "level": "INFO" if access_target else "WARNING",
+                "handlers": ["access"],
+                "propagate": False,
+            },
+            # One line per request and per upstream call, whatever GATEWAY_LOG_LEVEL says.
+            "bailian_gateway": {"level": "INFO", "propagate": True},
+        },
+    }
+
+
+# GATEWAY_LOG_CONFIG names a JSON logging dictConfig that replaces this one (to reroute a logger).
+# This file cannot see gunicorn's command line, so its log flags cannot reach the dict: the
+# GATEWAY_* variables set the log level and destinations.
+if _env("GATEWAY_LOG_CONFIG", ""):
+    with open(_env("GATEWAY_LOG_CONFIG", "")) as _file:
+        logconfig_dict = json.load(_file)
+else:
+    logconfig_dict = _logconfig(loglevel.upper(), errorlog, accesslog)
+
+
+# ------------------------------------------------------- metrics: shared by every worker process
+
+
+def on_starting(server):
+    """Give the workers an empty directory to keep their Prometheus metrics in."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        directory = tempfile.mkdtemp(prefix="bailian-gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        server.gateway_metrics_tmpdir = directory
+        server.log.info("metrics of the workers are kept in %s", directory)
+        if server.cfg.preload_app:
+            # The app, and with it prometheus_client, was imported before this hook ran.
+            server.log.warning(
+                "GATEWAY_PRELOAD=true: set PROMETHEUS_MULTIPROC_DIR in the environment, "
+                "or /metrics shows only the worker that answers"
+            )
+        return
+    os.makedirs(directory, exist_ok=True)
+    # Files of an earlier run would be summed with this one's.
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.remove(os.path.join(directory, name))
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges from the shared metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics directory this master made."""
+    directory = getattr(server, "gateway_metrics_tmpdir", None)
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -21,6 +21,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
     register_gateway(app, {**os.environ, **(overrides or {})})
     register_request_ids(app)
+    register_observability(app)
     register_blueprints(app)
     register_cli(app)
     return app
@@ -60,13 +61,25 @@ def _expose_request_id(response: Response) -> Response:
     return response
 
 
+def register_observability(app: Flask) -> None:
+    """Log JSON lines, one per request and upstream call, and count both at /metrics."""
+    from app.logs import configure_logging
+    from app.observability import observe_requests
+    from app.routes import metrics
+
+    configure_logging()
+    observe_requests(app)
+    app.register_blueprint(metrics.bp)
+
+
 def register_blueprints(app: Flask) -> None:
-    """Mount the compatibility routes, the health routes and the errors blueprint."""
+    """Mount the compatibility routes, their OpenAPI document, health and errors."""
     from app import errors
-    from app.routes import compat, health
+    from app.routes import compat, docs, health
 
     app.register_blueprint(errors.bp)
     app.register_blueprint(compat.bp, url_prefix="/alibailian/api/v1")
+    app.register_blueprint(docs.bp, url_prefix="/alibailian/api/v1")
     app.register_blueprint(health.bp)
 
 

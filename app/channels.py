@@ -6,8 +6,9 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
+from app import metrics
 from app.config import Channel
 from app.upstream import DashScopeClient, UpstreamAnswer, UpstreamError
 
@@ -42,42 +43,53 @@ class ChannelPool:
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - load spreading, not security
         self._lock = threading.Lock()
-        self._failures: dict[str, int] = {}
-        self._cooling_until: dict[str, float] = {}
+        # Keyed by (channel, None) for faults of the whole channel, and by (channel, model)
+        # for throttling, which DashScope applies per model and account.
+        self._failures: dict[tuple[str, str | None], int] = {}
+        self._cooling_until: dict[tuple[str, str | None], float] = {}
 
     def get(self, name: str) -> Channel | None:
         """Return the channel of that name, if it is still configured."""
         return self._by_name.get(name)
 
-    def is_cooling(self, channel: Channel) -> bool:
-        """Return whether the channel is sitting out after a failure."""
+    def is_cooling(self, channel: Channel, model: str | None = None) -> bool:
+        """Return whether the channel (or its model) is sitting out after a failure."""
+        now = self._clock()
         with self._lock:
-            return self._cooling_until.get(channel.name, 0.0) > self._clock()
+            return any(
+                self._cooling_until.get((channel.name, scope), 0.0) > now for scope in {None, model}
+            )
 
     def candidates(self, model: str) -> list[Channel]:
         """Return the usable channels for a model in the order to try them."""
-        usable = [c for c in self.channels if model in c.models and not self.is_cooling(c)]
+        usable = [c for c in self.channels if model in c.models and not self.is_cooling(c, model)]
         # Weighted shuffle within a priority tier (Efraimidis-Spirakis keys), tiers high first,
         # so a lower tier is reached only when every channel above it has failed.
         keyed = [(c.priority, self._rng.random() ** (1.0 / c.weight), c) for c in usable]
         keyed.sort(key=lambda item: (item[0], item[1]), reverse=True)
         return [channel for _, _, channel in keyed]
 
-    def report_success(self, channel: Channel) -> None:
-        """Forget the channel's past failures."""
+    def report_success(self, channel: Channel, model: str | None = None) -> None:
+        """Forget the channel's past failures (and its model's)."""
         with self._lock:
-            self._failures.pop(channel.name, None)
-            self._cooling_until.pop(channel.name, None)
+            for scope in {None, model}:
+                self._failures.pop((channel.name, scope), None)
+                self._cooling_until.pop((channel.name, scope), None)
 
-    def report_failure(self, channel: Channel, *, auth: bool = False) -> float:
-        """Cool the channel down for longer with each failure; return the cool-down seconds."""
+    def report_failure(
+        self, channel: Channel, *, auth: bool = False, throttled_model: str | None = None
+    ) -> float:
+        """Cool the channel (or one model of it) down longer with each failure; return seconds."""
+        scope = (channel.name, throttled_model)
         with self._lock:
-            failures = self._failures.get(channel.name, 0) + 1
-            self._failures[channel.name] = failures
+            failures = self._failures.get(scope, 0) + 1
+            self._failures[scope] = failures
             seconds = (
                 AUTH_COOLDOWN if auth else min(MAX_COOLDOWN, BASE_COOLDOWN * 2 ** (failures - 1))
             )
-            self._cooling_until[channel.name] = self._clock() + seconds
+            self._cooling_until[scope] = self._clock() + seconds
+        reason = "auth" if auth else "throttled" if throttled_model else "failure"
+        metrics.channel_cooldowns.labels(channel.name, reason).inc()
         return seconds
 
 
@@ -87,7 +99,7 @@ def submit_with_failover(
     model: str,
     service_path: str,
     body: bytes,
-    client_headers: dict[str, str],
+    client_headers: Mapping[str, str],
 ) -> tuple[Channel, UpstreamAnswer]:
     """Submit on the first channel that takes it, failing over only when nothing was created."""
     candidates = pool.candidates(model)
@@ -114,12 +126,14 @@ def submit_with_failover(
                 },
             )
             continue
-        if answer.status == 429 or answer.status >= 500:
-            pool.report_failure(channel)
-            if answer.status == 429:
-                throttled = (channel, answer)
+        if answer.status == 429:
+            pool.report_failure(channel, throttled_model=model)
+            throttled = (channel, answer)
             continue
-        pool.report_success(channel)
+        if answer.status >= 500:
+            pool.report_failure(channel)
+            continue
+        pool.report_success(channel, model)
         return channel, answer
     if throttled is not None:
         return throttled  # clients should back off, as DashScope asked

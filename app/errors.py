@@ -104,6 +104,7 @@ def handle_all_channels_failed(_error: AllChannelsFailed) -> Response:
 def handle_upstream_error(error: UpstreamError) -> Response:
     """Map transport failures with DashScope to gateway errors."""
     log.warning("upstream call failed: %s", error, extra={"channel": error.channel})
+    g.channel = error.channel
     if isinstance(error, UpstreamTimeout):
         return error_response(504, "RequestTimeOut", "The upstream service did not answer in time.")
     return error_response(503, "ServiceUnavailable", "The upstream service is unavailable.")

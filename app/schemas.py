@@ -127,3 +127,88 @@ class TaskListQuerySchema(Schema):
 
 
 task_list_query_schema = TaskListQuerySchema()
+
+
+# Response schemas only document answers (app/openapi.py); nothing loads with them. Most
+# answers are DashScope's, forwarded as they came, so they stay open like the request schemas.
+
+
+class SubmitOutputSchema(_OpenSchema):
+    """The `output` of an accepted submit."""
+
+    task_id = fields.String(required=True, metadata={"description": "DashScope's own task id."})
+    task_status = fields.String(required=True, validate=validate.OneOf(TASK_STATUSES))
+
+
+class SubmitResponseSchema(_OpenSchema):
+    """DashScope's answer to an accepted submit."""
+
+    request_id = fields.String(required=True)
+    output = fields.Nested(SubmitOutputSchema, required=True)
+
+
+class TaskOutputSchema(_OpenSchema):
+    """The `output` of a task query; which fields appear depends on the task's status."""
+
+    task_id = fields.String(required=True)
+    task_status = fields.String(required=True, validate=validate.OneOf(TASK_STATUSES))
+    submit_time = fields.String(metadata={"description": "`YYYY-MM-DD HH:MM:SS.mmm`."})
+    scheduled_time = fields.String(metadata={"description": "When a worker picked the task up."})
+    end_time = fields.String(metadata={"description": "When the task finished."})
+    video_url = fields.String(metadata={"description": "SUCCEEDED: a signed link, valid 24 h."})
+    orig_prompt = fields.String(metadata={"description": "The prompt as submitted."})
+    actual_prompt = fields.String(metadata={"description": "The prompt after extension."})
+    code = fields.String(metadata={"description": "FAILED: why, inside `output`."})
+    message = fields.String(metadata={"description": "FAILED: the details."})
+
+
+class TaskResponseSchema(_OpenSchema):
+    """DashScope's answer to a task query, in every task state."""
+
+    request_id = fields.String(required=True)
+    output = fields.Nested(TaskOutputSchema, required=True)
+    usage = fields.Dict(
+        metadata={"description": "SUCCEEDED: what was billed; key names differ by model family."}
+    )
+
+
+class CancelResponseSchema(_OpenSchema):
+    """DashScope's answer to an accepted cancel."""
+
+    request_id = fields.String(required=True)
+
+
+class TaskListItemSchema(_OpenSchema):
+    """One task of a task-list page."""
+
+    task_id = fields.String(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(TASK_STATUSES))
+    model_name = fields.String(required=True)
+    api_key_id = fields.String(metadata={"description": "The gateway key that submitted it."})
+    gmt_create = fields.Integer(required=True, metadata={"description": "Epoch milliseconds."})
+    end_time = fields.Integer(allow_none=True, metadata={"description": "Epoch milliseconds."})
+
+
+class TaskListResponseSchema(_OpenSchema):
+    """A page of the account's tasks, in DashScope's task-list format."""
+
+    request_id = fields.String(required=True)
+    total = fields.Integer(required=True)
+    total_page = fields.Integer(required=True)
+    page_no = fields.Integer(required=True)
+    page_size = fields.Integer(required=True)
+    data = fields.List(fields.Nested(TaskListItemSchema), required=True)
+
+
+class ErrorSchema(_OpenSchema):
+    """DashScope's error envelope, used by every non-2xx answer."""
+
+    request_id = fields.String(required=True)
+    code = fields.String(required=True)
+    message = fields.String(required=True)
+
+
+class TaskNotExistSchema(ErrorSchema):
+    """The one answer for a task that is unknown, malformed, expired or another account's."""
+
+    data = fields.Raw(required=True, allow_none=True, validate=validate.Equal(None))

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -12,11 +16,16 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
 from urllib3.util.retry import Retry
 
+from app import metrics
 from app.config import Channel
+
+log = logging.getLogger("bailian_gateway.upstream")
 
 USER_AGENT = "bailian-gateway/0.1"
 # Headers a client may send that DashScope honours and that mean the same through a gateway.
 FORWARDED_SUBMIT_HEADERS = ("X-DashScope-DataInspection",)
+# Task paths, logged as templates so that one log field and one label group every task.
+TASK_PATH = re.compile(r"/api/v1/tasks/(?P<task_id>[^/]+)(?P<action>/[a-z]+)?")
 
 
 class UpstreamError(Exception):
@@ -24,6 +33,8 @@ class UpstreamError(Exception):
 
     # True when the request provably created nothing upstream, so another channel may be tried.
     nothing_created: ClassVar[bool] = False
+    # How metrics and logs name this failure.
+    outcome: ClassVar[str] = "broken"
 
     def __init__(self, channel: str, detail: str) -> None:
         super().__init__(f"channel {channel}: {detail}")
@@ -34,10 +45,13 @@ class UpstreamUnreachable(UpstreamError):
     """The connection failed before the request was sent."""
 
     nothing_created = True
+    outcome = "unreachable"
 
 
 class UpstreamTimeout(UpstreamError):
     """The request was sent but no answer came within the read timeout."""
+
+    outcome = "timeout"
 
 
 class UpstreamBrokenAnswer(UpstreamError):
@@ -151,15 +165,17 @@ class DashScopeClient:
         channel: Channel,
         service_path: str,
         body: bytes,
-        client_headers: dict[str, str] | None = None,
+        client_headers: Mapping[str, str] | None = None,
     ) -> UpstreamAnswer:
         """Send a client's submit body unchanged to the channel, asynchronously."""
         headers = self._headers(channel)
         headers["Content-Type"] = "application/json"
         headers["X-DashScope-Async"] = "enable"
         for name in FORWARDED_SUBMIT_HEADERS:
-            if client_headers and name in client_headers:
-                headers[name] = client_headers[name]
+            # Looked up in the client's own mapping, which for HTTP headers ignores case.
+            value = client_headers.get(name) if client_headers is not None else None
+            if value is not None:
+                headers[name] = value
         url = f"{channel.base_url}/api/v1/{service_path}"
         submit_session, _ = self._sessions()
         return self._send(channel, submit_session, "POST", url, headers, body)
@@ -177,6 +193,25 @@ class DashScopeClient:
         return self._send(channel, submit_session, "POST", url, self._headers(channel), None)
 
     def _send(
+        self,
+        channel: Channel,
+        session: requests.Session,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes | None,
+    ) -> UpstreamAnswer:
+        call = _Call.of(channel, method, url)
+        started = time.perf_counter()
+        try:
+            answer = self._exchange(channel, session, method, url, headers, body)
+        except UpstreamError as exc:
+            call.observe(time.perf_counter() - started, exc.outcome, None)
+            raise
+        call.observe(time.perf_counter() - started, None, answer)
+        return answer
+
+    def _exchange(
         self,
         channel: Channel,
         session: requests.Session,
@@ -208,3 +243,53 @@ class DashScopeClient:
                 channel.name, f"HTTP {response.status_code} answer is not a JSON object"
             )
         return UpstreamAnswer(status=response.status_code, body=response.content, data=data)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What metrics and logs say about one call to DashScope: never its URL, key or body."""
+
+    channel: str
+    operation: str
+    method: str
+    path: str
+    task_id: str | None = None
+
+    @classmethod
+    def of(cls, channel: Channel, method: str, url: str) -> _Call:
+        """Describe a call by its channel and the template of its path."""
+        path = url.removeprefix(channel.base_url)
+        task = TASK_PATH.fullmatch(path)
+        if task is None:
+            return cls(channel.name, "submit", method, path)  # a service path: fixed by the views
+        action = (task["action"] or "").lstrip("/")
+        template = "/api/v1/tasks/{task_id}" + (f"/{action}" if action else "")
+        return cls(channel.name, action or "query", method, template, task["task_id"])
+
+    def observe(self, seconds: float, failure: str | None, answer: UpstreamAnswer | None) -> None:
+        """Count the call, time it and log one line about it."""
+        if answer is None:
+            outcome, status = failure or UpstreamError.outcome, metrics.NO_STATUS
+        else:
+            outcome = "ok" if 200 <= answer.status < 300 else "http_error"
+            status = str(answer.status)
+        metrics.upstream_requests.labels(self.channel, self.operation, outcome, status).inc()
+        metrics.upstream_request_duration.labels(self.channel, self.operation, outcome).observe(
+            seconds
+        )
+        log.log(
+            logging.INFO if answer is not None else logging.WARNING,
+            "upstream %s: %s",
+            self.operation,
+            outcome,
+            extra={
+                "channel": self.channel,
+                "method": self.method,
+                "path": self.path,
+                "status": answer.status if answer is not None else None,
+                "outcome": outcome,
+                "duration_ms": round(seconds * 1000, 1),
+                "upstream_request_id": answer.request_id if answer is not None else None,
+                "task_id": self.task_id or (answer.task_id if answer is not None else None),
+            },
+        )

@@ -226,3 +226,16 @@ def test_candidates_only_serve_the_model_high_priority_first() -> None:
     )
 
     assert [c.name for c in pool.candidates(MODEL)] == ["high", "low"]
+
+
+def test_throttling_cools_down_only_the_throttled_model() -> None:
+    clock = FakeClock()
+    both = Channel("both", "https://both.test", "k", frozenset([MODEL, "other"]), None, 0, 1)
+    pool = ChannelPool([both], clock=clock)
+
+    pool.report_failure(both, throttled_model=MODEL)
+
+    assert pool.candidates(MODEL) == []
+    assert pool.candidates("other") == [both]
+    pool.report_failure(both)
+    assert pool.candidates("other") == []

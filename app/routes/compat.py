@@ -8,9 +8,11 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Response, current_app, g, request
 from marshmallow import ValidationError
+from werkzeug.exceptions import RequestEntityTooLarge
 
+from app import metrics
 from app.auth import authenticate
 from app.channels import submit_with_failover
 from app.config import Channel
@@ -56,8 +58,9 @@ def submit_video_synthesis(group: str) -> Response:
         model,
         f"services/aigc/{group}/video-synthesis",
         body,
-        dict(request.headers),
+        request.headers,
     )
+    count_submit(channel, model, answer)
     if answer.status == 200:
         remember_task(caller, channel, model, answer)
     return native_response(answer)
@@ -71,11 +74,11 @@ def get_task(task_id: str) -> Response:
     gateway = current_gateway()
     channel = gateway.pool.get(task.channel)
     if task.is_final or channel is None:
-        return stored_answer(task)
+        return stored_answer(task, "final" if task.is_final else "channel_removed")
     if not claim_refresh(gateway.engine, task.task_id, utcnow(), gateway.settings.refresh_interval):
-        return stored_answer(task)
+        return stored_answer(task, "fresh")
     answer = refresh_task(channel, task)
-    return stored_answer(task) if answer is None else native_response(answer)
+    return stored_answer(task, "upstream_failed") if answer is None else native_response(answer)
 
 
 @bp.post("/tasks/<task_id>/cancel")
@@ -118,6 +121,10 @@ def list_tasks() -> Response:
 def load_submit_body() -> tuple[bytes, str]:
     """Return the raw submit body and its model, or fail with DashScope's 400."""
     body = request.get_data(cache=False)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is None and len(body) >= limit:
+        # A chunked body is cut at the limit rather than refused; refuse it the same way.
+        raise RequestEntityTooLarge()
     try:
         data = json.loads(body)
     except ValueError:
@@ -145,6 +152,13 @@ def ensure_model_allowed(caller: Caller, model: str) -> None:
         raise model_not_found(model)
 
 
+def count_submit(channel: Channel, model: str, answer: UpstreamAnswer) -> None:
+    """Count a submit DashScope answered, under a model label the configuration offers."""
+    g.channel = channel.name
+    offered = current_gateway().settings.offered_models
+    metrics.submits.labels(metrics.label_from(model, offered), str(answer.status)).inc()
+
+
 def remember_task(caller: Caller, channel: Channel, model: str, answer: UpstreamAnswer) -> None:
     """Record a task DashScope accepted, before the client hears of it."""
     if answer.task_id is None:
@@ -160,6 +174,7 @@ def remember_task(caller: Caller, channel: Channel, model: str, answer: Upstream
         upstream_body=answer.body.decode(),
         now=utcnow(),
     )
+    count_transition(metrics.NEW_TASK, answer.task_status or "PENDING")
 
 
 def retention_cutoff() -> datetime:
@@ -176,6 +191,7 @@ def get_owned_task_or_fail(caller: Caller, task_id: str) -> Task:
         )
     if task is None:
         raise task_not_exist()
+    g.model, g.channel = task.model, task.channel
     return task
 
 
@@ -187,6 +203,7 @@ def refresh_task(channel: Channel, task: Task) -> UpstreamAnswer | None:
     except UpstreamError as exc:
         log.warning("task refresh failed, serving the last known status: %s", exc)
         return None
+    g.upstream_status = answer.status
     if answer.status != 200 or answer.task_status is None:
         # A channel fault (throttled, key refused, 5xx) is not the client's: the last
         # known status is the better answer.
@@ -197,7 +214,18 @@ def refresh_task(channel: Channel, task: Task) -> UpstreamAnswer | None:
         )
         return None
     record_answer(gateway.engine, task.task_id, answer.task_status, answer.body.decode(), utcnow())
+    if answer.task_status != task.status:
+        count_transition(task.status, answer.task_status)
+    metrics.task_queries.labels("upstream", "refreshed").inc()
     return answer
+
+
+def count_transition(before: str, after: str) -> None:
+    """Count a task status change the gateway recorded."""
+    metrics.task_transitions.labels(
+        before if before == metrics.NEW_TASK else metrics.task_status_label(before),
+        metrics.task_status_label(after),
+    ).inc()
 
 
 def load_list_query() -> dict[str, Any]:
@@ -246,8 +274,9 @@ def epoch_ms(moment: datetime) -> int:
     return int(moment.replace(tzinfo=UTC).timestamp() * 1000)
 
 
-def stored_answer(task: Task) -> Response:
+def stored_answer(task: Task, reason: str) -> Response:
     """Answer with the last upstream body stored for the task, under this request's id."""
+    metrics.task_queries.labels("store", reason).inc()
     body = json.loads(task.upstream_body)
     body["request_id"] = g.request_id
     return Response(json.dumps(body), status=200, mimetype="application/json")
@@ -256,4 +285,5 @@ def stored_answer(task: Task) -> Response:
 def native_response(answer: UpstreamAnswer) -> Response:
     """Return DashScope's answer to the client as it came: status and bytes."""
     g.upstream_request_id = answer.request_id
+    g.upstream_status = answer.status
     return Response(answer.body, status=answer.status, mimetype="application/json")

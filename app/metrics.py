@@ -1,0 +1,80 @@
+"""The gateway's Prometheus metrics: definitions and the label vocabulary they may use."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from prometheus_client import Counter, Histogram
+
+# Every label value comes from a fixed set (route names, configured channels and models,
+# HTTP methods and statuses, the names below): a client must never be able to mint a series.
+OTHER = "other"
+UNMATCHED_ROUTE = "unmatched"
+NO_STATUS = "none"
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+TASK_STATUSES = frozenset(
+    {"PENDING", "RUNNING", "SUSPENDED", "SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN"}
+)
+# The "from" status of a task the gateway has just recorded (its submit).
+NEW_TASK = "NEW"
+
+# Gateway answers are fast unless they wait on DashScope, whose read timeout defaults to 30 s.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+http_requests = Counter(
+    "bailian_gateway_http_requests",
+    "Requests answered by the gateway, by Flask endpoint, method and HTTP status.",
+    ["route", "method", "status"],
+)
+http_request_duration = Histogram(
+    "bailian_gateway_http_request_duration_seconds",
+    "Time from routing a request to handing its response to the server, by Flask endpoint.",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
+)
+upstream_requests = Counter(
+    "bailian_gateway_upstream_requests",
+    "Calls to DashScope, by channel, operation, outcome and HTTP status (none without one).",
+    ["channel", "operation", "outcome", "status"],
+)
+upstream_request_duration = Histogram(
+    "bailian_gateway_upstream_request_duration_seconds",
+    "Duration of calls to DashScope (query retries included), by channel, operation, outcome.",
+    ["channel", "operation", "outcome"],
+    buckets=LATENCY_BUCKETS,
+)
+submits = Counter(
+    "bailian_gateway_submits",
+    "Submits DashScope answered, by model and the HTTP status of its answer.",
+    ["model", "status"],
+)
+task_transitions = Counter(
+    "bailian_gateway_task_transitions",
+    "Task status changes the gateway recorded (from NEW on submit).",
+    ["from_status", "to_status"],
+)
+task_queries = Counter(
+    "bailian_gateway_task_queries",
+    "Task queries answered, by source (store or upstream) and why that source.",
+    ["source", "reason"],
+)
+channel_cooldowns = Counter(
+    "bailian_gateway_channel_cooldowns",
+    "Times a channel (or one model of it) was put to sit out, by reason: failure, throttled, auth.",
+    ["channel", "reason"],
+)
+
+
+def label_from(value: str | None, allowed: Collection[str]) -> str:
+    """Return the value if it belongs to the allowed set, else `other`."""
+    return value if value is not None and value in allowed else OTHER
+
+
+def method_label(method: str) -> str:
+    """Return an HTTP method as a label value; methods no route serves are `other`."""
+    return label_from(method, KNOWN_METHODS)
+
+
+def task_status_label(status: str | None) -> str:
+    """Return a task status as a label value; a status DashScope has not documented is `other`."""
+    return label_from(status, TASK_STATUSES)
