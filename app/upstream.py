@@ -171,10 +171,8 @@ class DashScopeClient:
         headers = self._headers(channel)
         headers["Content-Type"] = "application/json"
         headers["X-DashScope-Async"] = "enable"
-        for name in FORWARDED_SUBMIT_HEADERS:
-            # Looked up in the client's own mapping, which for HTTP headers ignores case.
-            value = client_headers.get(name) if client_headers is not None else None
-            if value is not None:
+        for name, value in (client_headers or {}).items():
+            if name in FORWARDED_SUBMIT_HEADERS:
                 headers[name] = value
         url = f"{channel.base_url}/api/v1/{service_path}"
         submit_session, _ = self._sessions()

@@ -35,7 +35,12 @@ from app.store import (
     record_task,
     utcnow,
 )
-from app.upstream import UpstreamAnswer, UpstreamBrokenAnswer, UpstreamError
+from app.upstream import (
+    FORWARDED_SUBMIT_HEADERS,
+    UpstreamAnswer,
+    UpstreamBrokenAnswer,
+    UpstreamError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,7 @@ def submit_video_synthesis(group: str) -> Response:
         model,
         f"services/aigc/{group}/video-synthesis",
         body,
-        request.headers,
+        forwarded_headers(),
     )
     count_submit(channel, model, answer)
     if answer.status == 200:
@@ -75,7 +80,7 @@ def get_task(task_id: str) -> Response:
     channel = gateway.pool.get(task.channel)
     if task.is_final or channel is None:
         return stored_answer(task, "final" if task.is_final else "channel_removed")
-    if not claim_refresh(gateway.engine, task.task_id, utcnow(), gateway.settings.refresh_interval):
+    if not claim_due_refresh(task):
         return stored_answer(task, "fresh")
     answer = refresh_task(channel, task)
     return stored_answer(task, "upstream_failed") if answer is None else native_response(answer)
@@ -146,6 +151,14 @@ def load_submit_body() -> tuple[bytes, str]:
     return body, data["model"]
 
 
+def forwarded_headers() -> dict[str, str]:
+    """Return the client's headers that mean the same to DashScope through a gateway."""
+    # request.headers ignores case, so a client's spelling of the name does not matter.
+    return {
+        name: request.headers[name] for name in FORWARDED_SUBMIT_HEADERS if name in request.headers
+    }
+
+
 def ensure_model_allowed(caller: Caller, model: str) -> None:
     """Fail with `model_not_found` unless the model is offered and the key may use it."""
     if model not in current_gateway().settings.offered_models or not caller.may_use(model):
@@ -193,6 +206,16 @@ def get_owned_task_or_fail(caller: Caller, task_id: str) -> Task:
         raise task_not_exist()
     g.model, g.channel = task.model, task.channel
     return task
+
+
+def claim_due_refresh(task: Task) -> bool:
+    """Claim the task's refresh if one is due; one request across all instances wins it."""
+    gateway = current_gateway()
+    now, interval = utcnow(), gateway.settings.refresh_interval
+    # The row just read shows most polls are early, and a claim is a write: skip it then.
+    if task.refreshed_at > now - timedelta(seconds=interval):
+        return False
+    return claim_refresh(gateway.engine, task.task_id, now, interval)
 
 
 def refresh_task(channel: Channel, task: Task) -> UpstreamAnswer | None:

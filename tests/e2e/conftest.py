@@ -389,10 +389,10 @@ def _wait_until_serving(gateway: Gateway, deadline: float) -> None:
         if gateway.process.poll() is not None:
             pytest.fail(f"gunicorn exited with {gateway.process.returncode}:\n{gateway.log_text()}")
         try:
-            if requests.get(f"{gateway.url}/healthz", timeout=1).status_code == 200:
+            if requests.get(f"{gateway.url}/healthz", timeout=5).status_code == 200:
                 return
-        except requests.ConnectionError:
-            pass
+        except requests.RequestException:
+            pass  # not listening yet, or too busy to answer: keep waiting until the deadline
         time.sleep(0.1)
     pytest.fail(f"gunicorn did not answer /healthz in time:\n{gateway.log_text()}")
 
