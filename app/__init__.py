@@ -7,13 +7,18 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from cachetools import LRUCache, TTLCache
 from flask import Flask, Response, g
 
+from app.caches import SharedCache
 from app.channels import ChannelPool
 from app.config import load_settings
 from app.gateway import Gateway
 from app.store import open_engine
 from app.upstream import DashScopeClient
+
+# Enough for every active key of a large deployment; a TTL of 0 turns the cache off.
+KEY_CACHE_SIZE = 50_000
 
 
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
@@ -42,6 +47,8 @@ def register_gateway(app: Flask, environ: Mapping[str, str]) -> None:
             settings.connect_timeout, settings.read_timeout, settings.query_retries
         ),
         pool=ChannelPool(settings.channels),
+        callers=SharedCache(TTLCache(KEY_CACHE_SIZE, settings.key_cache_seconds)),
+        final_tasks=SharedCache(LRUCache(settings.final_task_cache_size)),
     )
 
 

@@ -6,7 +6,7 @@ from flask import g, request
 
 from app.errors import invalid_api_key
 from app.gateway import current_gateway
-from app.store import Caller, find_caller
+from app.store import Caller, find_caller, hash_secret
 
 
 def authenticate() -> Caller:
@@ -21,8 +21,14 @@ def authenticate() -> Caller:
     secret = secret.strip()
     if not secret:
         raise invalid_api_key("No API-key provided.")
-    caller = find_caller(current_gateway().engine, secret)
+    gateway = current_gateway()
+    secret_hash = hash_secret(secret)
+    # A revoked key keeps working for at most [server] key_cache_seconds in each worker.
+    caller = gateway.callers.get(secret_hash)
     if caller is None:
-        raise invalid_api_key()
+        caller = find_caller(gateway.engine, secret_hash)
+        if caller is None:
+            raise invalid_api_key()
+        gateway.callers.put(secret_hash, caller)
     g.caller = caller
     return caller

@@ -44,6 +44,8 @@ class Settings:
     read_timeout: float = 30.0
     query_retries: int = 2
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    key_cache_seconds: float = 5.0
+    final_task_cache_size: int = 10_000
     refresh_interval: float = 3.0
     retention_hours: float = 24.0
     pool_size: int = 10
@@ -82,6 +84,8 @@ class _UpstreamSection(_StrictSchema):
 
 class _ServerSection(_StrictSchema):
     max_body_bytes = fields.Integer(strict=True, validate=validate.Range(min=1024))
+    key_cache_seconds = fields.Float(validate=validate.Range(min=0))
+    final_task_cache_size = fields.Integer(strict=True, validate=validate.Range(min=0))
 
 
 class _TasksSection(_StrictSchema):
@@ -171,20 +175,16 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
     if path is None:
         return Settings(database_url=database_url)
     data = _read_file(path)
-    upstream = data.get("upstream", {})
-    tasks = data.get("tasks", {})
-    database = data.get("database", {})
+    # Section keys are named as Settings fields, so each validated section maps straight on.
+    scalars = {
+        name: value
+        for section in ("upstream", "server", "tasks", "database")
+        for name, value in data.get(section, {}).items()
+    }
     return Settings(
         database_url=database_url,
         config_path=str(Path(path).resolve()),
-        connect_timeout=upstream.get("connect_timeout", Settings.connect_timeout),
-        read_timeout=upstream.get("read_timeout", Settings.read_timeout),
-        query_retries=upstream.get("query_retries", Settings.query_retries),
-        max_body_bytes=data.get("server", {}).get("max_body_bytes", DEFAULT_MAX_BODY_BYTES),
-        refresh_interval=tasks.get("refresh_interval", Settings.refresh_interval),
-        retention_hours=tasks.get("retention_hours", Settings.retention_hours),
-        pool_size=database.get("pool_size", Settings.pool_size),
-        max_overflow=database.get("max_overflow", Settings.max_overflow),
+        **scalars,
         channels=_build_channels(path, data.get("channels", []), environ),
         prices={
             model: dict(section["price_per_second"])

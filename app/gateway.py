@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from flask import current_app
 from sqlalchemy import Engine
 
+from app.caches import SharedCache
 from app.channels import ChannelPool
 from app.config import Settings
+from app.store import Caller, Task
 from app.upstream import DashScopeClient
 
 
@@ -20,6 +22,10 @@ class Gateway:
     engine: Engine
     client: DashScopeClient
     pool: ChannelPool
+    # Who a key hash belongs to, for a few seconds: authentication without a query.
+    callers: SharedCache[str, Caller]
+    # Final tasks never change again, so they can be served without the database.
+    final_tasks: SharedCache[str, Task]
 
 
 def current_gateway() -> Gateway:

@@ -1,7 +1,15 @@
 """The gateway's durable state: accounts, keys and tasks (SQLAlchemy Core)."""
 
 from app.store.engine import open_engine
-from app.store.keys import Caller, KeyInfo, create_key, find_caller, list_keys, revoke_key
+from app.store.keys import (
+    Caller,
+    KeyInfo,
+    create_key,
+    find_caller,
+    hash_secret,
+    list_keys,
+    revoke_key,
+)
 from app.store.tasks import (
     Task,
     claim_refresh,
@@ -22,6 +30,7 @@ __all__ = [
     "find_caller",
     "force_refresh",
     "get_owned_task",
+    "hash_secret",
     "list_keys",
     "list_owned_tasks",
     "open_engine",

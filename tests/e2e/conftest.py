@@ -43,6 +43,8 @@ RUNNING_SECONDS = 0.7
 # The gateway's upstream read timeout, and a `[sleep=N]` prompt that exceeds it.
 READ_TIMEOUT = 2.0
 SLOW_PROMPT = "[sleep=4] a slow upstream"
+# How long a worker may keep honouring a revoked key ([server] key_cache_seconds).
+KEY_CACHE_SECONDS = 0.5
 
 # Models, each served in a way tests can aim at.
 T2V = "wan2.5-t2v-preview"  # channel `sim`
@@ -256,6 +258,9 @@ def _config_text(simulator_url: str, closed_port: int) -> str:
         read_timeout = {READ_TIMEOUT}
         query_retries = 1
 
+        [server]
+        key_cache_seconds = {KEY_CACHE_SECONDS}
+
         [tasks]
         refresh_interval = 0
 
@@ -366,8 +371,9 @@ class Gateway:
         return secret
 
     def revoke_key(self, secret: str) -> None:
-        """Revoke a key with the CLI."""
+        """Revoke a key with the CLI, and wait out the workers' key caches."""
         self.cli("keys", "revoke", secret)
+        time.sleep(KEY_CACHE_SECONDS)
 
     def log_text(self) -> str:
         """Return everything gunicorn and the app wrote so far."""
