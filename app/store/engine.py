@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+from weakref import WeakKeyDictionary
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.store.tables import metadata
@@ -24,6 +28,23 @@ def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# SQLite lets one writer in at a time and makes the others sleep and retry (up to 100 ms a
+# nap); queueing a process's writers on a lock instead wakes each the moment it may go.
+_sqlite_write_locks: WeakKeyDictionary[Engine, threading.Lock] = WeakKeyDictionary()
+
+
+@contextmanager
+def writing(engine: Engine) -> Iterator[Connection]:
+    """Open a write transaction; on SQLite, one at a time per process."""
+    lock = _sqlite_write_locks.get(engine)
+    if lock is None:
+        with engine.begin() as conn:
+            yield conn
+        return
+    with lock, engine.begin() as conn:
+        yield conn
+
+
 def open_engine(url: str, pool_size: int = 10, max_overflow: int = 10) -> Engine:
     """Create the engine for a database URL and make sure the schema exists."""
     # Each gunicorn worker has its own pool; a thread holds a connection only for one short
@@ -38,6 +59,7 @@ def open_engine(url: str, pool_size: int = 10, max_overflow: int = 10) -> Engine
     )
     if is_sqlite:
         event.listen(engine, "connect", _tune_sqlite)
+        _sqlite_write_locks[engine] = threading.Lock()
     create_schema(engine)
     return engine
 

@@ -10,6 +10,7 @@ from datetime import datetime
 from sqlalchemy import Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from app.store.engine import writing
 from app.store.tables import accounts, api_keys
 from app.store.time import utcnow
 
@@ -52,19 +53,19 @@ def _parse_models(value: str | None) -> frozenset[str] | None:
 
 
 def _get_or_create_account(engine: Engine, name: str) -> int:
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         found = conn.execute(select(accounts.c.id).where(accounts.c.name == name)).scalar()
         if found is not None:
             return int(found)
     try:
-        with engine.begin() as conn:
+        with writing(engine) as conn:
             created = conn.execute(
                 insert(accounts).values(name=name, created_at=utcnow()).returning(accounts.c.id)
             ).scalar_one()
             return int(created)
     except IntegrityError:
         # Another process created the same account between our read and our insert.
-        with engine.begin() as conn:
+        with writing(engine) as conn:
             return int(
                 conn.execute(select(accounts.c.id).where(accounts.c.name == name)).scalar_one()
             )
@@ -74,7 +75,7 @@ def create_key(engine: Engine, account_name: str, models: list[str] | None = Non
     """Create a key for the account (creating the account if needed) and return its secret."""
     account_id = _get_or_create_account(engine, account_name)
     secret = KEY_PREFIX + secrets.token_hex(24)
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         conn.execute(
             insert(api_keys).values(
                 account_id=account_id,
@@ -117,7 +118,7 @@ def revoke_key(engine: Engine, key: str) -> bool:
         which = api_keys.c.id == int(key)
     else:
         return False
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         result = conn.execute(
             update(api_keys)
             .where(which, api_keys.c.revoked_at.is_(None))

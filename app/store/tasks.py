@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, bindparam, func, insert, select, update
 
+from app.store.engine import writing
 from app.store.tables import tasks
 
 # Once a task reaches one of these, DashScope never changes it again.
@@ -34,6 +35,32 @@ class Task:
         return self.status in FINAL_STATUSES
 
 
+# The hot statements, built once: building one costs more than running it.
+_SELECT_OWNED_TASK = select(tasks).where(
+    tasks.c.task_id == bindparam("task_id"),
+    tasks.c.account_id == bindparam("account_id"),
+    tasks.c.submitted_at > bindparam("after"),
+)
+_CLAIM_REFRESH = (
+    update(tasks)
+    .where(
+        tasks.c.task_id == bindparam("which"),
+        tasks.c.refreshed_at <= bindparam("due"),
+        tasks.c.status.not_in(FINAL_STATUSES),
+    )
+    .values(refreshed_at=bindparam("now"))
+)
+_RECORD_ANSWER = (
+    update(tasks)
+    .where(tasks.c.task_id == bindparam("which"), tasks.c.status.not_in(FINAL_STATUSES))
+    .values(
+        status=bindparam("new_status"),
+        upstream_body=bindparam("new_body"),
+        finished_at=bindparam("new_finished_at"),
+    )
+)
+
+
 def record_task(
     engine: Engine,
     *,
@@ -47,7 +74,7 @@ def record_task(
     now: datetime,
 ) -> None:
     """Remember a task just created upstream, and who owns it."""
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         conn.execute(
             insert(tasks).values(
                 task_id=task_id,
@@ -68,52 +95,37 @@ def get_owned_task(
     engine: Engine, account_id: int, task_id: str, submitted_after: datetime
 ) -> Task | None:
     """Return the account's task, or None when it is unknown, another's, or aged out."""
-    query = select(tasks).where(
-        tasks.c.task_id == task_id,
-        tasks.c.account_id == account_id,
-        tasks.c.submitted_at > submitted_after,
-    )
+    params = {"task_id": task_id, "account_id": account_id, "after": submitted_after}
     with engine.connect() as conn:
-        row = conn.execute(query).first()
+        row = conn.execute(_SELECT_OWNED_TASK, params).first()
     return None if row is None else Task(**row._mapping)
 
 
 def claim_refresh(engine: Engine, task_id: str, now: datetime, interval: float) -> bool:
     """Claim the right to ask upstream about a task; at most one claim wins per interval."""
     # A conditional update, so the rule holds across threads, workers and instances alike.
-    claim = (
-        update(tasks)
-        .where(
-            tasks.c.task_id == task_id,
-            tasks.c.refreshed_at <= now - timedelta(seconds=interval),
-            tasks.c.status.not_in(FINAL_STATUSES),
-        )
-        .values(refreshed_at=now)
-    )
-    with engine.begin() as conn:
-        return conn.execute(claim).rowcount == 1
+    params = {"which": task_id, "due": now - timedelta(seconds=interval), "now": now}
+    with writing(engine) as conn:
+        return conn.execute(_CLAIM_REFRESH, params).rowcount == 1
 
 
 def record_answer(
     engine: Engine, task_id: str, status: str, upstream_body: str, now: datetime
 ) -> None:
     """Store the latest upstream answer, unless the task had already finished."""
-    change = (
-        update(tasks)
-        .where(tasks.c.task_id == task_id, tasks.c.status.not_in(FINAL_STATUSES))
-        .values(
-            status=status,
-            upstream_body=upstream_body,
-            finished_at=now if status in FINAL_STATUSES else None,
-        )
-    )
-    with engine.begin() as conn:
-        conn.execute(change)
+    params = {
+        "which": task_id,
+        "new_status": status,
+        "new_body": upstream_body,
+        "new_finished_at": now if status in FINAL_STATUSES else None,
+    }
+    with writing(engine) as conn:
+        conn.execute(_RECORD_ANSWER, params)
 
 
 def force_refresh(engine: Engine, task_id: str) -> None:
     """Let the next query of a task go upstream at once (after a cancel, say)."""
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         conn.execute(
             update(tasks)
             .where(tasks.c.task_id == task_id)
