@@ -70,8 +70,8 @@ def _expose_request_id(response: Response) -> Response:
 
 def register_observability(app: Flask) -> None:
     """Log JSON lines, one per request and upstream call, and count both at /metrics."""
-    from app.logs import configure_logging
-    from app.observability import observe_requests
+    from app.observability.access import observe_requests
+    from app.observability.logs import configure_logging
     from app.routes import metrics
 
     configure_logging()

@@ -8,8 +8,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from app import metrics
 from app.config import Channel
+from app.observability import metrics
 from app.upstream import DashScopeClient, UpstreamAnswer, UpstreamError
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
 from urllib3.util.retry import Retry
 
-from app import metrics
 from app.config import Channel
+from app.observability import metrics
 
 log = logging.getLogger("bailian_gateway.upstream")
 

@@ -66,8 +66,8 @@ OPERATIONS: tuple[tuple[str, str, str | None], ...] = (
         r"Handler\.acquire \(logging/",
     ),
     (
-        "metrics (prometheus_client, app/metrics, app/observability)",
-        r"\(prometheus_client/|\(app/(metrics|observability)\.py",
+        "metrics (prometheus_client, app/observability)",
+        r"\(prometheus_client/|\(app/observability/(metrics|access)\.py",
         None,
     ),
     ("request id (uuid4)", r"uuid4 \(uuid\.py", None),

@@ -133,6 +133,14 @@ def upstream() -> Iterator[responses.RequestsMock]:
     """Fake DashScope on the wire; every registered answer must be used, nothing else is."""
     with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
         yield mock
+    # The gateway turns a refused connection into a native answer, so an unexpected call
+    # would pass unnoticed unless it fails the test here.
+    unexpected = [
+        call.request.url
+        for call in mock.calls
+        if "doesn't match any registered mock" in str(call.response)
+    ]
+    assert not unexpected, f"unexpected upstream calls: {unexpected}"
 
 
 def new_key(app: Flask, account: str = "acme", models: list[str] | None = None) -> str:

@@ -16,7 +16,7 @@ import requests
 import responses
 from flask.testing import FlaskClient
 
-from app.logs import json_formatter
+from app.observability.logs import json_formatter
 from tests.conftest import (
     INTL_UPSTREAM_KEY,
     PRIMARY,

@@ -13,7 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.metrics import label_from, method_label, task_status_label
+from app.observability.metrics import label_from, method_label, task_status_label
 from tests.conftest import BASE_CONFIG, INTL, PRIMARY, SUBMIT_PATH, bearer, new_key
 from tests.test_failover import refused
 

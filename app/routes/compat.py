@@ -12,12 +12,12 @@ from flask import Blueprint, Response, current_app, g, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from app import metrics
 from app.auth import authenticate
 from app.channels import submit_with_failover
 from app.config import Channel
 from app.errors import ApiError, model_not_found, task_not_exist
 from app.gateway import current_gateway
+from app.observability import metrics
 from app.schemas import (
     first_error,
     task_list_query_schema,

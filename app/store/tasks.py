@@ -36,6 +36,7 @@ class Task:
 
 
 # The hot statements, built once: building one costs more than running it.
+_INSERT_TASK = insert(tasks)
 _SELECT_OWNED_TASK = select(tasks).where(
     tasks.c.task_id == bindparam("task_id"),
     tasks.c.account_id == bindparam("account_id"),
@@ -76,18 +77,19 @@ def record_task(
     """Remember a task just created upstream, and who owns it."""
     with writing(engine) as conn:
         conn.execute(
-            insert(tasks).values(
-                task_id=task_id,
-                account_id=account_id,
-                key_id=key_id,
-                channel=channel,
-                model=model,
-                status=status,
-                upstream_body=upstream_body,
-                submitted_at=now,
-                refreshed_at=now,
-                finished_at=now if status in FINAL_STATUSES else None,
-            )
+            _INSERT_TASK,
+            {
+                "task_id": task_id,
+                "account_id": account_id,
+                "key_id": key_id,
+                "channel": channel,
+                "model": model,
+                "status": status,
+                "upstream_body": upstream_body,
+                "submitted_at": now,
+                "refreshed_at": now,
+                "finished_at": now if status in FINAL_STATUSES else None,
+            },
         )
 
 

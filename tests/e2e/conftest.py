@@ -9,6 +9,7 @@ GATEWAY_TEST_DATABASE_URL is set), and every test runs against each.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import secrets
@@ -19,7 +20,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,11 +117,12 @@ def _clean_environ() -> dict[str, str]:
     return {
         name: value
         for name, value in os.environ.items()
-        if not name.startswith(("GATEWAY_", "DASHSCOPE_", "SIMULATOR_", "FLASK_"))
+        if not name.startswith(("GATEWAY_", "DASHSCOPE_", "SIMULATOR_", "FLASK_", "PROMETHEUS"))
+        and name != "XDG_RUNTIME_DIR"
     }
 
 
-def _stop(process: subprocess.Popen[Any], timeout: float = 15) -> None:
+def stop(process: subprocess.Popen[Any], timeout: float = 15) -> None:
     """SIGTERM a process we started, wait for it, and kill it if it will not go."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -187,11 +189,11 @@ def start_simulator(
     try:
         line = lines.get(timeout=20)
     except queue.Empty:
-        _stop(process)
+        stop(process)
         pytest.fail(f"the simulator did not start:\n{log_path.read_text()}")
     prefix = "simulator listening on "
     if not line.startswith(prefix):
-        _stop(process)
+        stop(process)
         pytest.fail(f"unexpected simulator output {line!r}:\n{log_path.read_text()}")
     return Simulator(url=line[len(prefix) :].strip(), process=process)
 
@@ -203,7 +205,7 @@ def simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulator]:
     try:
         yield sim
     finally:
-        _stop(sim.process)
+        stop(sim.process)
         if sim.process.stdout is not None:
             sim.process.stdout.close()
 
@@ -379,6 +381,27 @@ class Gateway:
         """Return everything gunicorn and the app wrote so far."""
         return self.log_path.read_text(errors="replace")
 
+    def signal(self, signum: signal.Signals) -> None:
+        """Send a signal to the gunicorn master."""
+        self.process.send_signal(signum)
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """Return the log, every line parsed as the JSON object it must be."""
+        return [json.loads(line) for line in self.log_text().splitlines() if line.strip()]
+
+    def messages(self, logger: str = "gunicorn.error") -> list[str]:
+        """Return the messages one logger wrote so far."""
+        return [line["message"] for line in self.log_lines() if line.get("logger") == logger]
+
+    def wait_for_log(self, predicate: Callable[[list[str]], bool], timeout: float = 30) -> None:
+        """Wait until gunicorn's own messages satisfy the predicate."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.messages()):
+                return
+            time.sleep(0.1)
+        pytest.fail(f"gunicorn never logged what was expected:\n{self.log_text()}")
+
     def secrets_in_log(self) -> list[str]:
         """Return the channel and gateway keys that appear in the log, masked."""
         log = self.log_text()
@@ -404,9 +427,22 @@ def _wait_until_serving(gateway: Gateway, deadline: float) -> None:
 
 
 def start_gateway(
-    workdir: Path, database_url: str, config_text: str, extra_env: dict[str, str] | None = None
+    workdir: Path,
+    database_url: str,
+    config_text: str,
+    extra_env: dict[str, str] | None = None,
+    *,
+    access_log: str | None = "-",
+    own_runtime_dir: bool = True,
 ) -> Gateway:
-    """Serve the gateway with gunicorn (2 workers x 8 threads) and wait until it answers."""
+    """Serve the gateway with gunicorn (2 workers x 8 threads) and wait until it answers.
+
+    `extra_env` goes to gunicorn only (not to the CLI) and wins over every default below.
+    `access_log` is GATEWAY_ACCESS_LOG: by default "-" (to stdout, the same file as the rest,
+    so the secrets audit covers it); None leaves it unset (gunicorn.conf.py's default, none).
+    `own_runtime_dir` points XDG_RUNTIME_DIR at the workdir; False leaves it unset, so
+    gunicorn falls back to its defaults as on a machine without one.
+    """
     backend = "sqlite" if database_url.startswith("sqlite") else "postgresql"
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "gateway.toml"
@@ -418,6 +454,19 @@ def start_gateway(
         "GATEWAY_DATABASE_URL": database_url,
         "PYTHONUNBUFFERED": "1",
     }
+    server_env = {
+        **env,
+        "GATEWAY_WORKERS": "2",
+        "GATEWAY_THREADS": "8",
+        "GATEWAY_GRACEFUL_TIMEOUT": "5",
+    }
+    if own_runtime_dir:
+        # gunicorn's control socket goes here, not in a home directory shared with every other
+        # gunicorn on the machine.
+        server_env["XDG_RUNTIME_DIR"] = str(workdir)
+    if access_log is not None:
+        server_env["GATEWAY_ACCESS_LOG"] = access_log
+    server_env.update(extra_env or {})
     port = _free_port()
     log_path = workdir / "gunicorn.log"
     with log_path.open("wb") as log:
@@ -431,18 +480,7 @@ def start_gateway(
                 "wsgi:app",
             ],
             cwd=REPO_ROOT,
-            env={
-                **env,
-                "GATEWAY_WORKERS": "2",
-                "GATEWAY_THREADS": "8",
-                "GATEWAY_GRACEFUL_TIMEOUT": "5",
-                # gunicorn's control socket goes here, not in a home directory shared with
-                # every other gunicorn on the machine.
-                "XDG_RUNTIME_DIR": str(workdir),
-                # The access log too (to stdout, same file), so the secrets audit covers it.
-                "GATEWAY_ACCESS_LOG": "-",
-                **(extra_env or {}),
-            },
+            env=server_env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -456,7 +494,7 @@ def start_gateway(
     try:
         _wait_until_serving(gw, time.monotonic() + 30)
     except BaseException:
-        _stop(process)
+        stop(process)
         raise
     return gw
 
@@ -473,7 +511,7 @@ def gateway(
     try:
         yield gw
     finally:
-        _stop(gw.process)
+        stop(gw.process)
         closed.close()
     leaked = gw.secrets_in_log()
     assert not leaked, f"secrets in the gunicorn log {gw.log_path}: {leaked}"
@@ -534,15 +572,19 @@ def submit(
     key: str,
     model: str = T2V,
     prompt: str = "a cat on a skateboard",
+    *,
+    session: Any = requests,
     **parameters: Any,
 ) -> requests.Response:
-    """Submit a text-to-video task over raw HTTP."""
+    """Submit a text-to-video task over raw HTTP (on `session`, a requests.Session, if given)."""
     body = {"model": model, "input": {"prompt": prompt}, "parameters": parameters}
-    return requests.post(
+    return session.post(
         f"{gateway.url}{SUBMIT_PATH}", json=body, headers=bearer(key), timeout=HTTP_TIMEOUT
     )
 
 
-def query(gateway: Gateway, key: str, task_id: str) -> requests.Response:
-    """Query a task over raw HTTP."""
-    return requests.get(f"{gateway.api}/tasks/{task_id}", headers=bearer(key), timeout=HTTP_TIMEOUT)
+def query(
+    gateway: Gateway, key: str, task_id: str, *, session: Any = requests
+) -> requests.Response:
+    """Query a task over raw HTTP (on `session`, a requests.Session, if given)."""
+    return session.get(f"{gateway.api}/tasks/{task_id}", headers=bearer(key), timeout=HTTP_TIMEOUT)

@@ -1,25 +1,21 @@
 """Operating the gateway under gunicorn: reloads and stops, metrics over workers, JSON logs.
 
-These tests signal their gunicorn master (HUP, TERM), so each one starts its own with the
-shipped gunicorn.conf.py, next to the session's simulator and database (conftest.py).
+These tests signal their gunicorn master (HUP, TERM), so each one starts its own with
+conftest.py's start_gateway (the shipped gunicorn.conf.py), next to the session's simulator
+and database.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
-import socket
 import stat
-import subprocess
 import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
@@ -27,97 +23,23 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import bindparam, create_engine, text
 
 from .conftest import (
-    BIN_DIR,
     HTTP_TIMEOUT,
-    REPO_ROOT,
     SIM_KEY,
     SUBMIT_PATH,
     T2V,
+    Gateway,
     Simulator,
     bearer,
+    query,
+    start_gateway,
+    stop,
+    submit,
 )
 
 SLOW_SECONDS = 2.0
 SLOW_PROMPT = f"[sleep={SLOW_SECONDS}] in flight"
 # A base64 image as clients send them: its text must never reach a log.
 IMAGE_MARKER = base64.b64encode(b"\x89PNG-e2e-never-log-this-" * 8).decode()
-
-
-def free_port() -> int:
-    """Return a local port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def clean_environ() -> dict[str, str]:
-    """Return the test's environment without anything that steers gunicorn or the gateway."""
-    return {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(("GATEWAY_", "DASHSCOPE_", "SIMULATOR_", "FLASK_", "PROMETHEUS"))
-        and name != "XDG_RUNTIME_DIR"
-    }
-
-
-@dataclass
-class Server:
-    """One gunicorn master serving the gateway, and the CLI over the same configuration."""
-
-    url: str
-    env: dict[str, str]
-    log_path: Path
-    process: subprocess.Popen[bytes]
-
-    def signal(self, signum: signal.Signals) -> None:
-        """Send a signal to the master."""
-        self.process.send_signal(signum)
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        """Return the log, every line parsed as the JSON object it must be."""
-        lines = self.log_path.read_text(errors="replace").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
-
-    def messages(self, logger: str = "gunicorn.error") -> list[str]:
-        """Return the messages one logger wrote so far."""
-        return [line["message"] for line in self.log_lines() if line.get("logger") == logger]
-
-    def wait_for_log(self, predicate: Callable[[list[str]], bool], timeout: float = 30) -> None:
-        """Wait until gunicorn's own messages satisfy the predicate."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate(self.messages()):
-                return
-            time.sleep(0.1)
-        pytest.fail(f"gunicorn never logged what was expected:\n{self.log_path.read_text()}")
-
-    def create_key(self, account: str) -> str:
-        """Create a gateway key with the CLI; the secret is stdout's last line."""
-        done = subprocess.run(
-            [str(BIN_DIR / "bailian-gateway"), "keys", "create", account],
-            cwd=REPO_ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        return done.stdout.strip().splitlines()[-1]
-
-    def submit(self, key: str, prompt: str = "a cat", session: Any = requests) -> requests.Response:
-        """Submit a text-to-video task."""
-        body = {"model": T2V, "input": {"prompt": prompt}}
-        return session.post(
-            f"{self.url}{SUBMIT_PATH}", json=body, headers=bearer(key), timeout=HTTP_TIMEOUT
-        )
-
-    def query(self, key: str, task_id: str, session: Any = requests) -> requests.Response:
-        """Query a task."""
-        return session.get(
-            f"{self.url}/alibailian/api/v1/tasks/{task_id}",
-            headers=bearer(key),
-            timeout=HTTP_TIMEOUT,
-        )
 
 
 def booted(messages: list[str]) -> list[str]:
@@ -131,110 +53,67 @@ def exited(messages: list[str]) -> list[str]:
     return [m.removeprefix("Worker exiting (pid: ").rstrip(")") for m in messages if "exiting" in m]
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM a gunicorn we started, and kill it if it will not go."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
-
-
 @pytest.fixture
 def serve(
     database_url: str, simulator: Simulator, tmp_path: Path
-) -> Iterator[Callable[..., Server]]:
-    """Return a function that starts a gunicorn (2 workers x 8 threads) with extra env."""
-    config = tmp_path / "gateway.toml"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            [upstream]
-            connect_timeout = 2
-            read_timeout = 10
+) -> Iterator[Callable[..., Gateway]]:
+    """Return a function that starts a gunicorn (2 workers x 8 threads) with extra env.
 
-            [tasks]
-            refresh_interval = 0
+    Unlike the session's gateway, these run with a 30 s graceful timeout, no access log unless
+    a test asks for one (so the log is gunicorn's and the app's JSON lines only), and no
+    XDG_RUNTIME_DIR (so the control-socket test sees gunicorn's own default).
+    """
+    config = textwrap.dedent(
+        f"""
+        [upstream]
+        connect_timeout = 2
+        read_timeout = 10
 
-            [[channels]]
-            name = "sim"
-            base_url = "{simulator.url}"
-            api_key_env = "E2E_SIM_KEY"
-            models = ["{T2V}"]
+        [tasks]
+        refresh_interval = 0
 
-            [models."{T2V}".price_per_second]
-            "480P" = 0.3
-            """
-        )
+        [[channels]]
+        name = "sim"
+        base_url = "{simulator.url}"
+        api_key_env = "E2E_SIM_KEY"
+        models = ["{T2V}"]
+
+        [models."{T2V}".price_per_second]
+        "480P" = 0.3
+        """
     )
-    env = {
-        **clean_environ(),
-        "E2E_SIM_KEY": SIM_KEY,
-        "GATEWAY_CONFIG": str(config),
-        "GATEWAY_DATABASE_URL": database_url,
-        "PYTHONUNBUFFERED": "1",
-    }
-    started: list[subprocess.Popen[bytes]] = []
+    started: list[Gateway] = []
 
-    def start(**extra: str) -> Server:
-        port = free_port()
-        log_path = tmp_path / f"gunicorn-{len(started)}.log"
-        server_env = {
-            **env,
-            "GATEWAY_WORKERS": "2",
-            "GATEWAY_THREADS": "8",
-            "GATEWAY_GRACEFUL_TIMEOUT": "30",
-            **extra,
-        }
-        command = [str(BIN_DIR / "gunicorn"), "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{port}"]
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [*command, "wsgi:app"],
-                cwd=REPO_ROOT,
-                env=server_env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        started.append(process)
-        server = Server(f"http://127.0.0.1:{port}", env, log_path, process)
-        wait_until_serving(server)
+    def start(**extra: str) -> Gateway:
+        server = start_gateway(
+            tmp_path / f"gunicorn-{len(started)}",
+            database_url,
+            config,
+            {"GATEWAY_GRACEFUL_TIMEOUT": "30", **extra},
+            access_log=None,
+            own_runtime_dir=False,
+        )
+        started.append(server)
         return server
 
     yield start
-    for process in started:
-        stop(process)
-
-
-def wait_until_serving(server: Server) -> None:
-    """Wait until /healthz answers, failing with the log if gunicorn dies first."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            pytest.fail(f"gunicorn exited:\n{server.log_path.read_text()}")
-        try:
-            if requests.get(f"{server.url}/healthz", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass  # listening (the master's socket) before a worker has loaded the app
-        time.sleep(0.1)
-    pytest.fail(f"gunicorn did not serve in time:\n{server.log_path.read_text()}")
+    for server in started:
+        stop(server.process, timeout=30)
 
 
 class InFlight:
     """Slow submits running in threads, started and then waited for."""
 
-    def __init__(self, server: Server, key: str, count: int) -> None:
+    def __init__(self, server: Gateway, key: str, count: int) -> None:
         self.answers: list[requests.Response | Exception] = []
         self._lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._submit, args=(server, key)) for _ in range(count)
         ]
 
-    def _submit(self, server: Server, key: str) -> None:
+    def _submit(self, server: Gateway, key: str) -> None:
         try:
-            answer: requests.Response | Exception = server.submit(key, SLOW_PROMPT)
+            answer: requests.Response | Exception = submit(server, key, prompt=SLOW_PROMPT)
         except requests.RequestException as exc:
             answer = exc
         with self._lock:
@@ -263,7 +142,7 @@ class InFlight:
 
 
 def test_hup_lets_in_flight_requests_finish_on_the_old_workers(
-    serve: Callable[..., Server], simulator: Simulator
+    serve: Callable[..., Gateway], simulator: Simulator
 ) -> None:
     server = serve()
     key = server.create_key("ops-hup")
@@ -276,12 +155,12 @@ def test_hup_lets_in_flight_requests_finish_on_the_old_workers(
     task_ids = slow.task_ids()
 
     server.wait_for_log(lambda m: len(booted(m)) == 4 and set(old_workers) <= set(exited(m)))
-    assert [server.query(key, task_id).status_code for task_id in task_ids] == [200] * 4
+    assert [query(server, key, task_id).status_code for task_id in task_ids] == [200] * 4
     assert server.process.poll() is None
 
 
 def test_a_load_running_through_reloads_sees_no_failed_request(
-    serve: Callable[..., Server],
+    serve: Callable[..., Gateway],
 ) -> None:
     server = serve()
     key = server.create_key("ops-load")
@@ -296,16 +175,16 @@ def test_a_load_running_through_reloads_sees_no_failed_request(
         with requests.Session() as session:
             while time.monotonic() < stop_at:
                 try:
-                    submitted = server.submit(key, "[sleep=0.05] load", session)
-                    query = submitted.status_code
+                    submitted = submit(server, key, prompt="[sleep=0.05] load", session=session)
+                    queried = submitted.status_code
                     if submitted.status_code == 200:
                         task_id = submitted.json()["output"]["task_id"]
                         with lock:
                             task_ids.append(task_id)
-                        query = server.query(key, task_id, session).status_code
+                        queried = query(server, key, task_id, session=session).status_code
                     result: list[tuple[str, int | str]] = [
                         ("submit", submitted.status_code),
-                        ("query", query),
+                        ("query", queried),
                     ]
                 except requests.RequestException as exc:
                     result = [("error", repr(exc))]
@@ -326,12 +205,12 @@ def test_a_load_running_through_reloads_sees_no_failed_request(
     assert failed == []
     assert len(task_ids) >= 20, "the load was too light to say anything"
     server.wait_for_log(lambda m: len(booted(m)) == 6)
-    recorded = [server.query(key, task_id).status_code for task_id in task_ids]
+    recorded = [query(server, key, task_id).status_code for task_id in task_ids]
     assert recorded == [200] * len(task_ids)
 
 
 def test_term_lets_in_flight_requests_finish_before_the_master_exits(
-    serve: Callable[..., Server], simulator: Simulator, database_url: str
+    serve: Callable[..., Gateway], simulator: Simulator, database_url: str
 ) -> None:
     server = serve()
     key = server.create_key("ops-term")
@@ -357,7 +236,7 @@ def test_term_lets_in_flight_requests_finish_before_the_master_exits(
 # --------------------------------------------------------------------------- metrics and logs
 
 
-def scrape(server: Server) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def scrape(server: Gateway) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Return every sample of one /metrics answer, on a fresh connection."""
     response = requests.get(f"{server.url}/metrics", timeout=HTTP_TIMEOUT)
     assert response.status_code == 200
@@ -375,7 +254,7 @@ HEALTHZ_200 = (
 
 
 def test_metrics_add_up_over_all_workers_and_survive_a_reload(
-    serve: Callable[..., Server], tmp_path: Path
+    serve: Callable[..., Gateway], tmp_path: Path
 ) -> None:
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
@@ -402,7 +281,7 @@ def test_metrics_add_up_over_all_workers_and_survive_a_reload(
 
 
 def test_without_a_metrics_dir_the_master_makes_one_and_removes_it(
-    serve: Callable[..., Server],
+    serve: Callable[..., Gateway],
 ) -> None:
     server = serve()
     [announced] = [m for m in server.messages() if m.startswith("metrics of the workers")]
@@ -416,7 +295,7 @@ def test_without_a_metrics_dir_the_master_makes_one_and_removes_it(
 
 
 def test_the_gunicorn_log_is_json_lines_without_keys_or_bodies(
-    serve: Callable[..., Server],
+    serve: Callable[..., Gateway],
 ) -> None:
     server = serve(GATEWAY_ACCESS_LOG="-")
     key = server.create_key("ops-logs")
@@ -427,7 +306,7 @@ def test_the_gunicorn_log_is_json_lines_without_keys_or_bodies(
     accepted = requests.post(url, json=body, headers=bearer(key), timeout=HTTP_TIMEOUT)
     assert accepted.status_code == 200
     task_id = accepted.json()["output"]["task_id"]
-    assert server.query(key, task_id).status_code == 200
+    assert query(server, key, task_id).status_code == 200
     bad = {**body, "parameters": {"duration": image}}
     assert (
         requests.post(url, json=bad, headers=bearer(key), timeout=HTTP_TIMEOUT).status_code == 400
@@ -442,14 +321,7 @@ def test_the_gunicorn_log_is_json_lines_without_keys_or_bodies(
         ).status_code
         == 400
     )
-    subprocess.run(
-        [str(BIN_DIR / "bailian-gateway"), "keys", "revoke", revoked],
-        cwd=REPO_ROOT,
-        env=server.env,
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
+    server.cli("keys", "revoke", revoked)
     assert (
         requests.post(url, json=body, headers=bearer(revoked), timeout=HTTP_TIMEOUT).status_code
         == 401
@@ -482,7 +354,7 @@ def test_the_gunicorn_log_is_json_lines_without_keys_or_bodies(
 
 
 def test_an_operator_log_config_reroutes_the_access_lines(
-    serve: Callable[..., Server], tmp_path: Path
+    serve: Callable[..., Gateway], tmp_path: Path
 ) -> None:
     requests_log = tmp_path / "requests.log"
     formatter = {
@@ -523,7 +395,7 @@ def test_an_operator_log_config_reroutes_the_access_lines(
 
 
 def test_masters_open_no_shared_control_socket_unless_given_their_own(
-    serve: Callable[..., Server], tmp_path: Path
+    serve: Callable[..., Gateway], tmp_path: Path
 ) -> None:
     # gunicorn's default is one path per user ($HOME/.gunicorn/gunicorn.ctl): two masters on a
     # machine would take it from each other.

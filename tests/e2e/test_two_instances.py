@@ -21,11 +21,11 @@ from tests.e2e.conftest import (
     T2V,
     Gateway,
     Simulator,
-    _stop,
     bearer,
     query,
     start_gateway,
     start_simulator,
+    stop,
     submit,
 )
 
@@ -44,7 +44,7 @@ def frozen_simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simul
     try:
         yield sim
     finally:
-        _stop(sim.process)
+        stop(sim.process)
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +73,13 @@ def twins(
     try:
         second = start_gateway(workdir / "b", database_url, config, threads)
     except BaseException:
-        _stop(first.process)
+        stop(first.process)
         raise
     try:
         yield first, second
     finally:
-        _stop(first.process)
-        _stop(second.process)
+        stop(first.process)
+        stop(second.process)
 
 
 def test_a_task_submitted_through_one_instance_is_queried_through_the_other(

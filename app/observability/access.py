@@ -7,9 +7,9 @@ import time
 
 from flask import Flask, Response, g, request
 
-from app import metrics
 from app.gateway import current_gateway
-from app.logs import ACCESS_LOGGER
+from app.observability import metrics
+from app.observability.logs import ACCESS_LOGGER
 
 access_log = logging.getLogger(ACCESS_LOGGER)
 
