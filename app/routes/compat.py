@@ -10,6 +10,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 from marshmallow import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.auth import authenticate
@@ -176,17 +177,31 @@ def remember_task(caller: Caller, channel: Channel, model: str, answer: Upstream
     """Record a task DashScope accepted, before the client hears of it."""
     if answer.task_id is None:
         raise UpstreamBrokenAnswer(channel.name, "submit answer carries no task id")
-    record_task(
-        current_gateway().engine,
-        task_id=answer.task_id,
-        account_id=caller.account_id,
-        key_id=caller.key_id,
-        channel=channel.name,
-        model=model,
-        status=answer.task_status or "PENDING",
-        upstream_body=answer.body.decode(),
-        now=utcnow(),
-    )
+    try:
+        record_task(
+            current_gateway().engine,
+            task_id=answer.task_id,
+            account_id=caller.account_id,
+            key_id=caller.key_id,
+            channel=channel.name,
+            model=model,
+            status=answer.task_status or "PENDING",
+            upstream_body=answer.body.decode(),
+            now=utcnow(),
+        )
+    except SQLAlchemyError:
+        # DashScope created (and bills) this task, and the client will not hear of it: an
+        # operator must be able to find it.
+        log.error(
+            "task accepted upstream but not recorded",
+            extra={
+                "task_id": answer.task_id,
+                "channel": channel.name,
+                "account": caller.account_name,
+                "upstream_request_id": answer.request_id,
+            },
+        )
+        raise
     count_transition(metrics.NEW_TASK, answer.task_status or "PENDING")
 
 
