@@ -6,7 +6,6 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
@@ -39,7 +38,6 @@ class Settings:
     """Everything the gateway reads from its configuration, validated once at start-up."""
 
     database_url: str | None = None
-    config_path: str | None = None
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     query_retries: int = 2
@@ -183,7 +181,6 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
     }
     return Settings(
         database_url=database_url,
-        config_path=str(Path(path).resolve()),
         **scalars,
         channels=_build_channels(path, data.get("channels", []), environ),
         prices={

@@ -90,12 +90,6 @@ class UpstreamAnswer:
         value = self.output.get("task_status")
         return value if isinstance(value, str) and value else None
 
-    @property
-    def code(self) -> str | None:
-        """Return the error code of an error answer."""
-        value = self.data.get("code")
-        return value if isinstance(value, str) else None
-
 
 def _is_connect_failure(exc: requests.ConnectionError) -> bool:
     # requests wraps urllib3's MaxRetryError; its reason tells "never connected" from
