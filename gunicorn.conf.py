@@ -142,6 +142,16 @@ logger_class = _GatewayLogger
 _log_listener = None
 
 
+class _RecordQueueHandler(QueueHandler):
+    """Queue the record itself: the listener thread formats it."""
+
+    def prepare(self, record):
+        # The stock handler formats and copies each record in the request thread, so that it
+        # can cross to another process; this queue stays in the worker, and the arguments the
+        # gateway logs are plain values that nothing changes after the call.
+        return record
+
+
 def post_fork(server, worker):
     """Format and write the worker's log lines on one background thread."""
     global _log_listener
@@ -151,7 +161,7 @@ def post_fork(server, worker):
     if root.handlers and _log_listener is None:
         queue = SimpleQueue()
         _log_listener = QueueListener(queue, *root.handlers, respect_handler_level=True)
-        root.handlers = [QueueHandler(queue)]
+        root.handlers = [_RecordQueueHandler(queue)]
         _log_listener.start()
 
 

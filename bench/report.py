@@ -8,6 +8,7 @@ from typing import Any
 TARGET_LABELS = {
     "direct": "direct (fake)",
     "nginx": "nginx proxy_pass",
+    "floor": "Flask floor",
     "gateway": "gateway",
 }
 MB = 1024 * 1024
@@ -189,6 +190,10 @@ def markdown(data: dict[str, Any]) -> str:
             if meta["nginx_reference"]
             else "; nginx is not installed, so there is no nginx reference (n/a)."
         )
+        + " For scenarios 1 to 3, the Flask floor: `bench/floor_app.py`, a Flask app under "
+        "the same `gunicorn.conf.py` that answers the same routes with canned JSON and does "
+        "no gateway work (no key, store, upstream call, log line or metric); it is what "
+        "Flask and gunicorn alone cost here, a ceiling for the gateway."
         + " The last column is the CPU the gunicorn processes used during the run, in "
         "cores, the busiest worker's share of it, CPU time per request, and the share of "
         "it spent in the kernel.",
@@ -255,7 +260,7 @@ def chart(data: dict[str, Any], out: Path) -> None:
     cases = data["cases"]
     labels = [f"{c['number']}. {c['short']}\n@{c['conns']}" for c in cases]
     targets = [t for t in TARGET_LABELS if any(t in c["targets"] for c in cases)]
-    colours = {"direct": "#9aa5b1", "nginx": "#4c9f70", "gateway": "#d1495b"}
+    colours = {"direct": "#9aa5b1", "nginx": "#4c9f70", "floor": "#edae49", "gateway": "#d1495b"}
     fig, axes = plt.subplots(2, 2, figsize=(16, 10))
     width = 0.8 / len(targets)
     panels = (

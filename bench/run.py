@@ -201,8 +201,9 @@ class Scenario:
     body_path: Path | None = None
 
     def load(self, target: str, gateway: GatewayInfo) -> drivers.Load:
-        """The load for one target: the gateway's route and key, or upstream's."""
-        prefix, key = (API_PREFIX, gateway.key) if target == "gateway" else ("/api/v1", CHANNEL_KEY)
+        """The load for one target: the gateway's route and key (the floor's too), or upstream's."""
+        served = target in ("gateway", "floor")
+        prefix, key = (API_PREFIX, gateway.key) if served else ("/api/v1", CHANNEL_KEY)
         route = "/tasks/" if self.method == "GET" else SUBMIT_ROUTE
         return drivers.Load(
             method=self.method,
@@ -239,9 +240,12 @@ def measure(
     driver: str,
     scenarios: list[Scenario],
     gateway: GatewayInfo,
+    floor: GatewayInfo,
     log: Log,
 ) -> list[dict[str, Any]]:
     """Run every scenario x connection count x target, interleaved, `plan.runs` times."""
+    # The gunicorn servers, whose CPU is measured around each of their runs.
+    servers = {"gateway": gateway, "floor": floor}
     cases: list[dict[str, Any]] = []
     for scenario in scenarios:
         counts = (plan.slow_conns,) if scenario.key == "query_slow" else plan.conns
@@ -265,12 +269,13 @@ def measure(
                 load = scenario.load(target, gateway)
                 if round_no == 0 and plan.warmup:
                     drive(driver, load, case["conns"], plan.warmup)
-                before = gateway.cpu() if target == "gateway" else {}
+                server = servers.get(target)
+                before = server.cpu() if server is not None else {}
                 result = drive(driver, load, case["conns"], plan.duration)
                 cpu = ""
-                if before:
+                if server is not None:
                     result.detail["cpu"] = cpu_split(
-                        before, gateway.cpu(), result.seconds, gateway.master.process.pid
+                        before, server.cpu(), result.seconds, server.master.process.pid
                     )
                     cpu = f"  gunicorn CPU {result.detail['cpu']['cores']:.2f} cores"
                 case["targets"][target]["runs"].append(result)
@@ -406,10 +411,14 @@ def check_targets(
         ("submit", "submit", 1000),
     ):
         rps = med(f"{key}@{high}", "gateway", "rps")
+        measured = f"{rps:,.0f} req/s"
+        if "floor" in by_id[f"{key}@{high}"]["targets"]:
+            ceiling = med(f"{key}@{high}", "floor", "rps")
+            measured += f" (Flask floor {ceiling:,.0f} req/s; gateway {rps / ceiling:.0%} of it)"
         checks.append(
             {
                 "target": f"{label} ≥ {floor:,} req/s at {high} conns",
-                "measured": f"{rps:,.0f} req/s",
+                "measured": measured,
                 "ok": rps >= floor,
             }
         )
@@ -724,6 +733,8 @@ def run(
     log(f"fakes up: {endpoints}")
     gateway = stack.gateway(endpoints)
     log(f"gateway up at {gateway.url}, pids {gateway.pids()}")
+    floor = stack.flask_floor()
+    log(f"Flask floor up at {floor.url}, pids {floor.pids()}")
 
     running_ids = make_tasks(gateway, RUNNING_MODEL, plan.tasks, "RUNNING", log)
     done_ids = make_tasks(gateway, DONE_MODEL, plan.tasks, "SUCCEEDED", log)
@@ -733,10 +744,12 @@ def run(
         (files / f"ids-{name}.txt").write_text("\n".join(ids) + "\n")
     (files / "submit.json").write_bytes(submit_body(RUNNING_MODEL))
 
-    def origins(direct: str, proxy: str | None) -> dict[str, str]:
+    def origins(direct: str, proxy: str | None, with_floor: bool = True) -> dict[str, str]:
         found = {"direct": direct}
         if proxy:
             found["nginx"] = proxy
+        if with_floor:
+            found["floor"] = floor.url
         found["gateway"] = gateway.url
         return found
 
@@ -774,12 +787,14 @@ def run(
             f"query, {SLOW_LATENCY_MS:.0f} ms upstream",
             f"query {SLOW_LATENCY_MS:.0f} ms up",
             "GET",
-            origins(slow, endpoints.proxy_slow),
+            origins(slow, endpoints.proxy_slow, with_floor=False),
             files / "ids-slow.txt",
         ),
     ]
-    cases = measure(plan, driver, scenarios, gateway, log)
-    burst = measure_burst(plan, origins(running, endpoints.proxy_running), gateway, log)
+    cases = measure(plan, driver, scenarios, gateway, floor, log)
+    burst = measure_burst(
+        plan, origins(running, endpoints.proxy_running, with_floor=False), gateway, log
+    )
     checks = check_targets(plan, cases, burst)
     profile: dict[str, Any] | None = None
     if plan.profile:

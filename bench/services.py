@@ -430,16 +430,39 @@ class Stack:
         if created.returncode != 0:
             raise RuntimeError(f"bailian-gateway keys create failed:\n{created.stderr}")
         key = created.stdout.strip().splitlines()[-1].strip()
+        master, url = self._gunicorn("gunicorn", "wsgi:app", env, log_path)
+        return GatewayInfo(url=url, key=key, master=master, env=env)
+
+    def flask_floor(self) -> GatewayInfo:
+        """Start bench/floor_app.py under the shipped gunicorn.conf.py (see that module)."""
+        log_path = self.workdir / "floor.log"
+        env = {**clean_environ(), "GATEWAY_ERROR_LOG": str(log_path), "PYTHONUNBUFFERED": "1"}
+        bench_dir = str(Path(__file__).resolve().parent)
+        master, url = self._gunicorn(
+            "floor", "floor_app:app", env, log_path, extra_args=["--pythonpath", bench_dir]
+        )
+        return GatewayInfo(url=url, key="", master=master, env=env)
+
+    def _gunicorn(
+        self,
+        name: str,
+        wsgi_app: str,
+        env: dict[str, str],
+        log_path: Path,
+        extra_args: list[str] | None = None,
+    ) -> tuple[Proc, str]:
+        """Start gunicorn with the shipped gunicorn.conf.py; wait for /readyz and its workers."""
         port = free_port()
         master = self._popen(
-            "gunicorn",
+            name,
             [
                 str(BIN_DIR / "gunicorn"),
                 "-c",
                 "gunicorn.conf.py",
                 "-b",
                 f"127.0.0.1:{port}",
-                "wsgi:app",
+                *(extra_args or []),
+                wsgi_app,
             ],
             env=env,
         )
@@ -449,7 +472,7 @@ class Stack:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if master.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited:\n{master.log_tail()}")
+                raise RuntimeError(f"{name} exited:\n{master.log_tail()}")
             try:
                 if http_get(f"{url}/readyz", timeout=2) == 200:
                     break
@@ -457,12 +480,11 @@ class Stack:
                 pass
             time.sleep(0.1)
         else:
-            raise RuntimeError(f"the gateway did not become ready:\n{master.log_tail()}")
-        info = GatewayInfo(url=url, key=key, master=master, env=env)
+            raise RuntimeError(f"{name} did not become ready:\n{master.log_tail()}")
         # Both workers must be up before anything is measured.
         deadline = time.monotonic() + 30
-        while len(info.worker_pids()) < SHIPPED_WORKERS:
+        while len(child_pids(master.process.pid)) < SHIPPED_WORKERS:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        return info
+        return master, url

@@ -49,8 +49,10 @@ def _stamp_request_ids() -> None:
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
-        if has_request_context() and "request_id" in g:
-            record.request_id = g.request_id
+        if has_request_context():
+            request_id = getattr(g._get_current_object(), "request_id", None)
+            if request_id is not None:
+                record.request_id = request_id
         return record
 
     factory.stamps_request_ids = True  # type: ignore[attr-defined]
