@@ -405,21 +405,22 @@ def check_targets(
                 "ok": added <= limit,
             }
         )
-    for key, label, floor in (
+    for key, label, minimum in (
         ("query_done", "finished-task query", 4000),
         ("query_running", "running-task query", 2000),
         ("submit", "submit", 1000),
     ):
-        rps = med(f"{key}@{high}", "gateway", "rps")
+        case_id = f"{key}@{high}"
+        rps = med(case_id, "gateway", "rps")
         measured = f"{rps:,.0f} req/s"
-        if "floor" in by_id[f"{key}@{high}"]["targets"]:
-            ceiling = med(f"{key}@{high}", "floor", "rps")
+        if "floor" in by_id[case_id]["targets"]:
+            ceiling = med(case_id, "floor", "rps")
             measured += f" (Flask floor {ceiling:,.0f} req/s; gateway {rps / ceiling:.0%} of it)"
         checks.append(
             {
-                "target": f"{label} ≥ {floor:,} req/s at {high} conns",
+                "target": f"{label} ≥ {minimum:,} req/s at {high} conns",
                 "measured": measured,
-                "ok": rps >= floor,
+                "ok": rps >= minimum,
             }
         )
     slow = f"query_slow@{plan.slow_conns}"

@@ -154,7 +154,7 @@ class Endpoints:
 
 @dataclass
 class GatewayInfo:
-    """The running gateway: its URL, its key, its gunicorn master and its log."""
+    """A gunicorn server the bench started: the gateway, or the Flask floor (no key)."""
 
     url: str
     key: str
