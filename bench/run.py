@@ -37,6 +37,7 @@ from services import (
     API_PREFIX,
     CHANNEL_KEY,
     DONE_MODEL,
+    ECHO_MODULE,
     HUGE_SECONDS,
     REPO_ROOT,
     RUNNING_MODEL,
@@ -724,7 +725,16 @@ def run(
     else:
         running = stack.simulator("fake-running", running_seconds=HUGE_SECONDS)
         done = stack.simulator("fake-done", running_seconds=0)
-    slow = stack.simulator("fake-slow", running_seconds=HUGE_SECONDS, latency_ms=SLOW_LATENCY_MS)
+    # The delay must not cost CPU: the simulator sleeps in a thread per connection and, at 200
+    # connections, is CPU-bound below 1,000 req/s on two cores, taking them from the gateway.
+    if fake == "nginx" and ECHO_MODULE.exists():
+        slow_fake = f"nginx echo_sleep {SLOW_LATENCY_MS:.0f} ms (canned JSON)"
+        slow = stack.nginx_slow_fake(SLOW_LATENCY_MS)
+    else:
+        slow_fake = f"simulator with {SLOW_LATENCY_MS:.0f} ms latency"
+        slow = stack.simulator(
+            "fake-slow", running_seconds=HUGE_SECONDS, latency_ms=SLOW_LATENCY_MS
+        )
     endpoints = Endpoints(fake_running=running, fake_done=done, fake_slow=slow)
     if has_nginx:
         proxies = stack.nginx_proxies({"running": running, "done": done, "slow": slow})
@@ -817,6 +827,7 @@ def run(
             else "simulator (zero latency)",
             "nginx_reference": has_nginx,
             "slow_latency_ms": SLOW_LATENCY_MS,
+            "slow_fake": slow_fake,
             "gunicorn": gunicorn_summary(),
             "gateway_log": gateway_log_summary(gateway.master.log_path),
             "plan": {k: v for k, v in plan.__dict__.items()},

@@ -8,6 +8,8 @@ BIN=.venv/bin
 missing=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+# nginx's echo module: the 200 ms fake answers after a delay that costs no CPU.
+[ -e /usr/lib/nginx/modules/ngx_http_echo_module.so ] || missing+=(libnginx-mod-http-echo)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "bench: installing ${missing[*]} from Debian's packages" >&2
   sudo=""

@@ -29,11 +29,13 @@ API_PREFIX = "/alibailian/api/v1"
 # One gateway model per fake, so a submit's model picks the fake that answers it.
 RUNNING_MODEL = "bench-running"  # zero-latency fake whose tasks stay RUNNING
 DONE_MODEL = "bench-done"  # zero-latency fake whose tasks are SUCCEEDED on the first query
-SLOW_MODEL = "bench-slow"  # the simulator with a fixed upstream latency; tasks stay RUNNING
+SLOW_MODEL = "bench-slow"  # the fake with a fixed upstream latency; tasks stay RUNNING
 CHANNEL_KEY_ENV = "BENCH_CHANNEL_KEY"
 CHANNEL_KEY = "sk-bench-channel-0123456789abcdef"
 HUGE_SECONDS = 10**9  # a simulator task that is RUNNING for this long never finishes
 SHIPPED_WORKERS = 2  # gunicorn.conf.py's default; the bench never overrides it
+# Debian's libnginx-mod-http-echo: `echo_sleep` answers after a delay without using the CPU.
+ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 
 
 def free_port() -> int:
@@ -181,7 +183,7 @@ class GatewayInfo:
 # --------------------------------------------------------------------------- nginx configs
 
 NGINX_MAIN = """\
-{user}worker_processes {workers};
+{modules}{user}worker_processes {workers};
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 daemon off;
@@ -232,6 +234,25 @@ DONE_BODY = (
     '"video_url":"http://127.0.0.1/videos/$1.mp4?Expires=1735693260&Signature=canned",'
     '"orig_prompt":"a cat surfing"},"usage":{"duration":5,"SR":720,"video_count":1}}'
 )
+
+# The same canned answers, each after a fixed delay (echo_sleep waits on a timer, not a thread).
+SLOW_FAKE_SERVER = """\
+    server {{
+        listen 127.0.0.1:{port};
+        default_type application/json;
+        location ~ ^/api/v1/services/aigc/[a-z0-9-]+/video-synthesis$ {{
+            echo_sleep {seconds};
+            echo '{submit_body}';
+        }}
+        location ~ ^/api/v1/tasks/([A-Za-z0-9_-]+)$ {{
+            echo_sleep {seconds};
+            echo '{query_body}';
+        }}
+        location / {{
+            return 404 '{{"request_id":"$request_id","code":"NotFound","message":"not found"}}';
+        }}
+    }}
+"""
 
 PROXY_SERVER = """\
     upstream {name} {{
@@ -365,14 +386,19 @@ class Stack:
 
     # ---- nginx
 
-    def nginx(self, name: str, servers: str, ports: list[int]) -> None:
+    def nginx(
+        self, name: str, servers: str, ports: list[int], modules: tuple[Path, ...] = ()
+    ) -> None:
         """Start an nginx of its own (prefix in the work directory) with these servers."""
         prefix = self.workdir / name
         prefix.mkdir(parents=True, exist_ok=True)
         # Workers write request bodies to the prefix; as root they would otherwise be nobody.
         user = "user root root;\n" if os.geteuid() == 0 else ""
         conf = prefix / "nginx.conf"
-        conf.write_text(NGINX_MAIN.format(user=user, workers=2, prefix=prefix, servers=servers))
+        loads = "".join(f"load_module {module};\n" for module in modules)
+        conf.write_text(
+            NGINX_MAIN.format(modules=loads, user=user, workers=2, prefix=prefix, servers=servers)
+        )
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         proc = self._popen(
             name, [nginx, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)]
@@ -389,6 +415,18 @@ class Stack:
         )
         self.nginx("nginx-fake", servers, [running, done])
         return f"http://127.0.0.1:{running}", f"http://127.0.0.1:{done}"
+
+    def nginx_slow_fake(self, latency_ms: float) -> str:
+        """Start the canned fake answering after a fixed delay (needs ECHO_MODULE); its origin."""
+        port = free_port()
+        server = SLOW_FAKE_SERVER.format(
+            port=port,
+            seconds=f"{latency_ms / 1000:.3f}",
+            submit_body=SUBMIT_BODY,
+            query_body=RUNNING_BODY,
+        )
+        self.nginx("nginx-slow-fake", server, [port], modules=(ECHO_MODULE,))
+        return f"http://127.0.0.1:{port}"
 
     def nginx_proxies(self, targets: dict[str, str]) -> dict[str, str]:
         """Start one nginx with a proxy_pass server in front of each target origin."""

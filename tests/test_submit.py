@@ -12,6 +12,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from app.store.tables import tasks
+from app.upstream import USER_AGENT
 from tests.conftest import (
     INTL,
     INTL_UPSTREAM_KEY,
@@ -70,6 +71,7 @@ def test_submit_forwards_body_unchanged_with_channel_key(
     assert sent.headers["Authorization"] == f"Bearer {PRIMARY_UPSTREAM_KEY}"
     assert sent.headers["X-DashScope-Async"] == "enable"
     assert sent.headers["Content-Type"] == "application/json"
+    assert sent.headers["User-Agent"] == USER_AGENT
     assert api_key not in json.dumps(dict(sent.headers))
 
 

@@ -105,6 +105,8 @@ def test_final_answers_are_served_from_the_store(
     assert first.json == done
     assert all(without_request_id(r.json) == without_request_id(done) for r in again)
     assert len({r.json["request_id"] for r in again}) == 3
+    # The stored answer names this request, the id its X-Request-Id header carries too.
+    assert all(r.json["request_id"] == r.headers["X-Request-Id"] for r in again)
     assert len(upstream.calls) == 2  # submit + one query
 
 
