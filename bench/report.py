@@ -179,7 +179,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"Command: `{meta['command']}`. Machine: {meta['cpus']} CPUs, {meta['platform']}; "
         f"Python {meta['python']}; load driver: {meta['driver']}; "
         f"zero-latency fake: {meta['fake']}; "
-        f"slow fake: {meta.get('slow_fake', 'simulator')}.",
+        f"slow fake: {meta['slow_fake']}.",
         "",
         f"Gateway: shipped `gunicorn.conf.py` ({meta['gunicorn']}), SQLite in a temp dir, "
         "key made with `bailian-gateway keys create`, `[tasks] refresh_interval = 0` (every "

@@ -209,10 +209,10 @@ FAKE_SERVER = """\
         listen 127.0.0.1:{port};
         default_type application/json;
         location ~ ^/api/v1/services/aigc/[a-z0-9-]+/video-synthesis$ {{
-            return 200 '{submit_body}';
+            {submit_answer}
         }}
         location ~ ^/api/v1/tasks/([A-Za-z0-9_-]+)$ {{
-            return 200 '{query_body}';
+            {query_answer}
         }}
         location / {{
             return 404 '{{"request_id":"$request_id","code":"NotFound","message":"not found"}}';
@@ -235,24 +235,14 @@ DONE_BODY = (
     '"orig_prompt":"a cat surfing"},"usage":{"duration":5,"SR":720,"video_count":1}}'
 )
 
-# The same canned answers, each after a fixed delay (echo_sleep waits on a timer, not a thread).
-SLOW_FAKE_SERVER = """\
-    server {{
-        listen 127.0.0.1:{port};
-        default_type application/json;
-        location ~ ^/api/v1/services/aigc/[a-z0-9-]+/video-synthesis$ {{
-            echo_sleep {seconds};
-            echo '{submit_body}';
-        }}
-        location ~ ^/api/v1/tasks/([A-Za-z0-9_-]+)$ {{
-            echo_sleep {seconds};
-            echo '{query_body}';
-        }}
-        location / {{
-            return 404 '{{"request_id":"$request_id","code":"NotFound","message":"not found"}}';
-        }}
-    }}
-"""
+
+def canned_answer(body: str, delay_seconds: float = 0) -> str:
+    """The nginx directives answering `body`: at once, or after a delay (ECHO_MODULE)."""
+    if not delay_seconds:
+        return f"return 200 '{body}';"
+    # echo_sleep waits on a timer, not a thread: the delay costs no CPU.
+    return f"echo_sleep {delay_seconds:.3f}; echo '{body}';"
+
 
 PROXY_SERVER = """\
     upstream {name} {{
@@ -410,7 +400,11 @@ class Stack:
         """Start the zero-latency canned fake (running and finished servers); return origins."""
         running, done = free_port(), free_port()
         servers = "".join(
-            FAKE_SERVER.format(port=port, submit_body=SUBMIT_BODY, query_body=body)
+            FAKE_SERVER.format(
+                port=port,
+                submit_answer=canned_answer(SUBMIT_BODY),
+                query_answer=canned_answer(body),
+            )
             for port, body in ((running, RUNNING_BODY), (done, DONE_BODY))
         )
         self.nginx("nginx-fake", servers, [running, done])
@@ -419,11 +413,11 @@ class Stack:
     def nginx_slow_fake(self, latency_ms: float) -> str:
         """Start the canned fake answering after a fixed delay (needs ECHO_MODULE); its origin."""
         port = free_port()
-        server = SLOW_FAKE_SERVER.format(
+        delay = latency_ms / 1000
+        server = FAKE_SERVER.format(
             port=port,
-            seconds=f"{latency_ms / 1000:.3f}",
-            submit_body=SUBMIT_BODY,
-            query_body=RUNNING_BODY,
+            submit_answer=canned_answer(SUBMIT_BODY, delay),
+            query_answer=canned_answer(RUNNING_BODY, delay),
         )
         self.nginx("nginx-slow-fake", server, [port], modules=(ECHO_MODULE,))
         return f"http://127.0.0.1:{port}"
