@@ -1,9 +1,13 @@
 """gunicorn settings for bailian-gateway; each one can be overridden from the environment.
 
 The gateway spends its time waiting on DashScope, so each worker runs many threads (gthread):
-the default holds 4 x 64 = 256 slow upstream calls in flight on a 2-core machine. Four workers
+the default holds 4 x 128 = 512 slow upstream calls in flight on a 2-core machine. Four workers
 rather than two: a worker runs Python on one core at a time (the GIL), and with two, whenever
 one is busier the other core idles; four also keep fewer threads contending for each GIL.
+128 threads rather than 64: the workers do not share connections evenly (whichever is idle
+accepts first), and with 200 clients one worker was seen holding 86 to 125 of them; beyond its
+thread count, its requests wait for a thread while the other workers' threads sit idle. An
+idle thread costs nothing but memory.
 Command-line flags (`-b HOST:PORT`, `-w N`) still win over everything here, as in any gunicorn
 setup.
 """
@@ -28,7 +32,7 @@ def _env(name, default):
 bind = _env("GATEWAY_BIND", "127.0.0.1:8000")
 workers = int(_env("GATEWAY_WORKERS", "4"))
 worker_class = _env("GATEWAY_WORKER_CLASS", "gthread")
-threads = int(_env("GATEWAY_THREADS", "64"))
+threads = int(_env("GATEWAY_THREADS", "128"))
 # Idle keep-alive connections a gthread worker holds beyond its busy threads.
 worker_connections = int(_env("GATEWAY_WORKER_CONNECTIONS", "1000"))
 # Above the upstream read timeout (30 s by default), so a slow DashScope answer is never cut

@@ -513,7 +513,7 @@ class Stack:
             time.sleep(0.1)
         else:
             raise RuntimeError(f"{name} did not become ready:\n{master.log_tail()}")
-        # Both workers must be up before anything is measured.
+        # Every worker must be up before anything is measured.
         deadline = time.monotonic() + 30
         while len(child_pids(master.process.pid)) < SHIPPED_WORKERS:
             if time.monotonic() > deadline:

@@ -1,0 +1,103 @@
+"""The DashScope client sends exactly what requests would prepare from scratch."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import requests
+import responses
+
+from app.config import Channel
+from app.upstream import BASE_HEADERS, DashScopeClient
+
+UPSTREAM_KEY = "sk-upstream-0123456789"
+ANSWER = {"request_id": "r", "output": {"task_id": "t", "task_status": "RUNNING"}}
+
+BASE_URLS = [
+    "https://dashscope.test",
+    "https://DashScope.TEST:8443/proxy",
+    "http://127.0.0.1:8080/dash%20scope",
+    "https://bücher.test",
+]
+TASK_IDS = [
+    "0385dc79-5ff8-4d82-bcb6-caa4a9f7a3d9",
+    "a b",
+    "x%2Fy",
+    "../../secrets",
+    "ünï~code",
+    "id?with=query#frag",
+]
+
+
+def channel(base_url: str, workspace: str | None = None) -> Channel:
+    """Return a channel at `base_url`."""
+    return Channel(
+        name="c", base_url=base_url, api_key=UPSTREAM_KEY, models=frozenset(), workspace=workspace
+    )
+
+
+def from_scratch(
+    method: str, url: str, extra: dict[str, str], body: bytes | None = None
+) -> requests.PreparedRequest:
+    """Return the request requests prepares for this call with nothing reused."""
+    headers = {**BASE_HEADERS, **extra, "Authorization": f"Bearer {UPSTREAM_KEY}"}
+    return requests.Request(method, url, headers=headers, data=body).prepare()
+
+
+def sent(upstream: responses.RequestsMock) -> list[requests.PreparedRequest]:
+    """Return the requests that reached the wire."""
+    return [call.request for call in upstream.calls]
+
+
+def assert_same(got: requests.PreparedRequest, expected: requests.PreparedRequest) -> None:
+    """Fail unless two requests carry the same method, URL, headers and body."""
+    assert (got.method, got.url, got.body) == (expected.method, expected.url, expected.body)
+    assert dict(got.headers) == dict(expected.headers)
+
+
+@pytest.fixture
+def upstream() -> responses.RequestsMock:
+    """Answer every call with a running task."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        for method in (responses.GET, responses.POST):
+            mock.add(method, re.compile(".*"), json=ANSWER)
+        yield mock
+
+
+@pytest.mark.parametrize("base_url", BASE_URLS)
+@pytest.mark.parametrize("task_id", TASK_IDS)
+def test_queries_and_cancels_match_a_fresh_preparation(
+    upstream: responses.RequestsMock, base_url: str, task_id: str
+) -> None:
+    client = DashScopeClient(1, 1, query_retries=0)
+    client.query_task(channel(base_url), task_id)
+    client.cancel_task(channel(base_url), task_id)
+    query, cancel = sent(upstream)
+    assert_same(query, from_scratch("GET", f"{base_url}/api/v1/tasks/{task_id}", {}))
+    assert_same(cancel, from_scratch("POST", f"{base_url}/api/v1/tasks/{task_id}/cancel", {}))
+
+
+@pytest.mark.parametrize("base_url", BASE_URLS)
+def test_submits_match_a_fresh_preparation_and_headers_do_not_leak(
+    upstream: responses.RequestsMock, base_url: str
+) -> None:
+    client = DashScopeClient(1, 1)
+    target = channel(base_url, workspace="ws-1")
+    service = "services/aigc/video-generation/video-synthesis"
+    body = json.dumps({"model": "m", "input": {"prompt": "ünï"}}).encode()
+    inspected = {"X-DashScope-DataInspection": "enable", "X-Not-Forwarded": "1"}
+    client.submit_task(target, service, body, inspected)
+    client.submit_task(target, service, b"{}")
+    first, second = sent(upstream)
+    extra = {
+        "Content-Type": "application/json",
+        "X-DashScope-Async": "enable",
+        "X-DashScope-WorkSpace": "ws-1",
+    }
+    url = f"{base_url}/api/v1/{service}"
+    inspection = {"X-DashScope-DataInspection": "enable"}
+    assert_same(first, from_scratch("POST", url, {**extra, **inspection}, body))
+    # The first call's forwarded header and length stay with it, not with the next call.
+    assert_same(second, from_scratch("POST", url, extra, b"{}"))
