@@ -64,7 +64,7 @@ if _control_socket:
 
 # The same fields as app/observability/logs.py's formatter (used when not under gunicorn).
 _JSON_FORMATTER = {
-    "()": "pythonjsonlogger.json.JsonFormatter",
+    "()": "pythonjsonlogger.orjson.OrjsonFormatter",
     "fmt": "%(levelname)s %(name)s %(message)s",
     "rename_fields": {"levelname": "level", "name": "logger"},
     "timestamp": "time",

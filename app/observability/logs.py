@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from flask import g, has_request_context
-from pythonjsonlogger.json import JsonFormatter
+from pythonjsonlogger.orjson import OrjsonFormatter
 
 # Logger names an operator can route elsewhere (gunicorn.conf.py's GATEWAY_LOG_CONFIG).
 GATEWAY_LOGGER = "bailian_gateway"
@@ -23,7 +23,9 @@ JSON_FORMAT: dict[str, Any] = {
 
 def json_formatter() -> logging.Formatter:
     """Return the formatter of every gateway log line: one JSON object per record."""
-    return JsonFormatter(**JSON_FORMAT)
+    # orjson rather than the json module: a line costs about half the instructions to format,
+    # and every request writes one or two of them.
+    return OrjsonFormatter(**JSON_FORMAT)
 
 
 def configure_logging() -> None:
