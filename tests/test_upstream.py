@@ -1,9 +1,12 @@
-"""The DashScope client sends exactly what requests would prepare from scratch."""
+"""The DashScope client sends what requests would prepare from scratch, over kept connections."""
 
 from __future__ import annotations
 
 import json
 import re
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -101,3 +104,72 @@ def test_submits_match_a_fresh_preparation_and_headers_do_not_leak(
     assert_same(first, from_scratch("POST", url, {**extra, **inspection}, body))
     # The first call's forwarded header and length stay with it, not with the next call.
     assert_same(second, from_scratch("POST", url, extra, b"{}"))
+
+
+class _Server(ThreadingHTTPServer):
+    # Handler threads wait on kept-alive connections; closing must not wait for them.
+    block_on_close = False
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """Answer every request with a running task and a cookie; remember who asked."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as DashScope's load balancers speak
+    seen: list[tuple[int, str | None]]
+
+    def do_GET(self) -> None:
+        self.seen.append((self.client_address[1], self.headers.get("Cookie")))
+        body = json.dumps(ANSWER).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Set-Cookie", "acw_tc=tenant-a; Path=/")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Print nothing."""
+
+
+@pytest.fixture
+def origins() -> Iterator[list[tuple[str, list[tuple[int, str | None]]]]]:
+    """Start ten real HTTP servers; return each one's origin and the requests it saw."""
+    started = []
+    for _ in range(10):
+        seen: list[tuple[int, str | None]] = []
+        handler = type("Handler", (_Recorder,), {"seen": seen})
+        server = _Server(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        started.append((server, f"http://127.0.0.1:{server.server_port}", seen))
+    yield [(origin, seen) for _, origin, seen in started]
+    for server, _, _ in started:
+        server.shutdown()
+        server.server_close()
+
+
+def test_each_origin_keeps_its_connection_and_sends_no_cookie(
+    origins: list[tuple[str, list[tuple[int, str | None]]]],
+) -> None:
+    client = DashScopeClient(2, 2, query_retries=0)
+    (first, first_seen), (second, second_seen) = origins[:2]
+    for _ in range(3):
+        for origin in (first, second):
+            assert client.query_task(channel(origin), "t-1").task_status == "RUNNING"
+    # One connection per origin, reused: the client port never changes.
+    assert [len(first_seen), len(second_seen)] == [3, 3]
+    assert len({port for port, _ in first_seen}) == 1
+    assert len({port for port, _ in second_seen}) == 1
+    # One session serves every account: a cookie an answer sets never rides on a later call.
+    assert [cookie for _, cookie in first_seen + second_seen] == [None] * 6
+
+
+def test_more_origins_than_pools_each_get_their_own_calls(
+    origins: list[tuple[str, list[tuple[int, str | None]]]],
+) -> None:
+    # A thread's session keeps eight pools: ten origins in turn make it let the oldest go
+    # each time, and every call must still reach its own origin.
+    client = DashScopeClient(2, 2, query_retries=0)
+    for _ in range(3):
+        for origin, _ in origins:
+            assert client.query_task(channel(origin), "t-1").status == 200
+    assert [len(seen) for _, seen in origins] == [3] * 10
