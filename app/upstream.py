@@ -118,11 +118,9 @@ def _is_connect_failure(exc: requests.ConnectionError) -> bool:
 class ChannelAdapter(HTTPAdapter):
     """requests' HTTP adapter, minus per-call work whose outcome is fixed for a channel."""
 
-    def __init__(self, max_retries: Retry, pool_connections: int, pool_maxsize: int) -> None:
-        super().__init__(
-            max_retries=max_retries, pool_connections=pool_connections, pool_maxsize=pool_maxsize
-        )
-        self._max_pools = pool_connections
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # One pool per origin and TLS setting: as few as the configuration has channel hosts.
         self._pools: dict[tuple[str, Any, Any], ConnectionPool] = {}
 
     def get_connection_with_tls_context(
@@ -141,10 +139,6 @@ class ChannelAdapter(HTTPAdapter):
         key = (_origin(request.url), verify, cert)
         pool = self._pools.get(key)
         if pool is None:
-            # The PoolManager keeps `pool_connections` pools and lets the oldest go when it
-            # needs room: forgetting ours then too keeps this cache no larger than it.
-            if len(self.poolmanager.pools) >= self._max_pools:
-                self._pools.clear()
             pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
             self._pools[key] = pool
         return pool
@@ -167,6 +161,9 @@ class ChannelAdapter(HTTPAdapter):
 
     def close(self) -> None:
         """Close the pools, and forget them."""
+        # The PoolManager may have let go of a pool kept here: close those too.
+        for pool in self._pools.values():
+            pool.close()
         self._pools.clear()
         super().close()
 
