@@ -13,7 +13,7 @@ import requests
 import responses
 
 from app.config import Channel
-from app.upstream import BASE_HEADERS, DashScopeClient
+from app.upstream import BASE_HEADERS, ChannelAdapter, DashScopeClient
 
 UPSTREAM_KEY = "sk-upstream-0123456789"
 ANSWER = {"request_id": "r", "output": {"task_id": "t", "task_status": "RUNNING"}}
@@ -106,19 +106,23 @@ def test_submits_match_a_fresh_preparation_and_headers_do_not_leak(
     assert_same(second, from_scratch("POST", url, extra, b"{}"))
 
 
+# What a real server saw of each call: the client's port, its Cookie header, its request target.
+Seen = tuple[int, str | None, str]
+
+
 class _Server(ThreadingHTTPServer):
     # Handler threads wait on kept-alive connections; closing must not wait for them.
     block_on_close = False
 
 
 class _Recorder(BaseHTTPRequestHandler):
-    """Answer every request with a running task and a cookie; remember who asked."""
+    """Answer every request with a running task and a cookie; remember who asked for what."""
 
     protocol_version = "HTTP/1.1"  # keep-alive, as DashScope's load balancers speak
-    seen: list[tuple[int, str | None]]
+    seen: list[Seen]
 
     def do_GET(self) -> None:
-        self.seen.append((self.client_address[1], self.headers.get("Cookie")))
+        self.seen.append((self.client_address[1], self.headers.get("Cookie"), self.path))
         body = json.dumps(ANSWER).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -132,11 +136,11 @@ class _Recorder(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def origins() -> Iterator[list[tuple[str, list[tuple[int, str | None]]]]]:
+def origins() -> Iterator[list[tuple[str, list[Seen]]]]:
     """Start ten real HTTP servers; return each one's origin and the requests it saw."""
     started = []
     for _ in range(10):
-        seen: list[tuple[int, str | None]] = []
+        seen: list[Seen] = []
         handler = type("Handler", (_Recorder,), {"seen": seen})
         server = _Server(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
@@ -148,7 +152,7 @@ def origins() -> Iterator[list[tuple[str, list[tuple[int, str | None]]]]]:
 
 
 def test_each_origin_keeps_its_connection_and_sends_no_cookie(
-    origins: list[tuple[str, list[tuple[int, str | None]]]],
+    origins: list[tuple[str, list[Seen]]],
 ) -> None:
     client = DashScopeClient(2, 2, query_retries=0)
     (first, first_seen), (second, second_seen) = origins[:2]
@@ -157,14 +161,14 @@ def test_each_origin_keeps_its_connection_and_sends_no_cookie(
             assert client.query_task(channel(origin), "t-1").task_status == "RUNNING"
     # One connection per origin, reused: the client port never changes.
     assert [len(first_seen), len(second_seen)] == [3, 3]
-    assert len({port for port, _ in first_seen}) == 1
-    assert len({port for port, _ in second_seen}) == 1
+    assert len({port for port, _, _ in first_seen}) == 1
+    assert len({port for port, _, _ in second_seen}) == 1
     # One session serves every account: a cookie an answer sets never rides on a later call.
-    assert [cookie for _, cookie in first_seen + second_seen] == [None] * 6
+    assert [cookie for _, cookie, _ in first_seen + second_seen] == [None] * 6
 
 
 def test_more_origins_than_pools_each_get_their_own_calls(
-    origins: list[tuple[str, list[tuple[int, str | None]]]],
+    origins: list[tuple[str, list[Seen]]],
 ) -> None:
     # A thread's session keeps eight pools: ten origins in turn make it let the oldest go
     # each time, and every call must still reach its own origin.
@@ -173,3 +177,40 @@ def test_more_origins_than_pools_each_get_their_own_calls(
         for origin, _ in origins:
             assert client.query_task(channel(origin), "t-1").status == 200
     assert [len(seen) for _, seen in origins] == [3] * 10
+
+
+@pytest.mark.parametrize("base_path", ["", "/dash%20scope", "/bücher"])
+def test_each_call_sends_the_request_target_requests_would(
+    origins: list[tuple[str, list[Seen]]], base_path: str
+) -> None:
+    # `responses` stands in for the adapter's send, so only a real server sees the target the
+    # adapter cuts from the URL.
+    client = DashScopeClient(2, 2, query_retries=0)
+    origin, seen = origins[0]
+    base_url = f"{origin}{base_path}"
+    for task_id in TASK_IDS:
+        assert client.query_task(channel(base_url), task_id).status == 200
+    expected = [
+        from_scratch("GET", f"{base_url}/api/v1/tasks/{task_id}", {}).path_url
+        for task_id in TASK_IDS
+    ]
+    assert [target for _, _, target in seen] == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://dashscope.test/api/v1/tasks/t-1",
+        "https://user:secret@dashscope.test:8443/p/api/v1/tasks/t-1?a=1&b=%20",
+        "https://dashscope.test/api/v1/tasks/t-1#fragment",
+        "https://dashscope.test/api/v1/tasks/t-1?",
+        "https://dashscope.test/api/v1/tasks/t-1?a#b",
+        "https://dashscope.test",
+        "https://dashscope.test?a=1",
+    ],
+)
+def test_the_adapter_cuts_the_request_target_requests_would(url: str) -> None:
+    prepared = requests.Request("GET", "https://dashscope.test").prepare()
+    prepared.url = url  # as given: preparing would already drop an empty query
+    expected = requests.adapters.HTTPAdapter().request_url(prepared, {})
+    assert ChannelAdapter().request_url(prepared, {}) == expected

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, bindparam, func, insert, select, update
@@ -34,6 +34,11 @@ class Task:
         """Return whether upstream can no longer change this task."""
         return self.status in FINAL_STATUSES
 
+
+# A row of select(tasks) becomes a Task by position: four times cheaper than by column name
+# (2% of a running task's query). That needs the fields and the columns in the same order.
+if [field.name for field in fields(Task)] != [column.name for column in tasks.columns]:
+    raise RuntimeError("Task's fields must be the tasks table's columns, in the same order")
 
 # The hot statements, built once: building one costs more than running it.
 _INSERT_TASK = insert(tasks)
@@ -100,7 +105,7 @@ def get_owned_task(
     params = {"task_id": task_id, "account_id": account_id, "after": submitted_after}
     with engine.connect() as conn:
         row = conn.execute(_SELECT_OWNED_TASK, params).first()
-    return None if row is None else Task(**row._mapping)
+    return None if row is None else Task(*row)
 
 
 def claim_refresh(engine: Engine, task_id: str, now: datetime, interval: float) -> bool:
@@ -160,4 +165,4 @@ def list_owned_tasks(
             select(func.count()).select_from(tasks).where(*conditions)
         ).scalar_one()
         rows = conn.execute(page.offset(offset).limit(limit)).all()
-    return int(total), [Task(**row._mapping) for row in rows]
+    return int(total), [Task(*row) for row in rows]
