@@ -1,5 +1,11 @@
 # The commands the README names. Everything runs from a virtualenv in .venv.
-PYTHON ?= python3
+# The interpreter .venv is built on: the system's python3 when it is 3.11 or newer and can make
+# a venv, else the first python3 on PATH; `make install PYTHON=python3.12` picks another. How
+# the interpreter was compiled matters: pyenv's default build (no --enable-optimizations, no
+# --with-lto, a shared libpython) runs each gateway request with 12% more instructions than
+# Debian's python3 (README, "Performance"). Delete .venv to rebuild it on another one.
+PYTHON ?= $(shell /usr/bin/python3 -c 'import sys, ensurepip; sys.exit(sys.version_info < (3, 11))' \
+	2>/dev/null && echo /usr/bin/python3 || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

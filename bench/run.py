@@ -827,7 +827,8 @@ def run(
             "warmup": plan.warmup,
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
-            "python": platform.python_version(),
+            # Which build matters as much as which version: see the README's "Performance".
+            "python": f"{platform.python_version()} ({os.path.realpath(sys.executable)})",
             "driver": f"wrk ({versions.get('wrk', '?')})" if driver == "wrk" else "Python loop",
             "fake": f"nginx canned JSON ({versions.get('nginx', '?')})"
             if fake == "nginx"
