@@ -7,7 +7,8 @@ one is busier the other core idles; four also keep fewer threads contending for 
 128 threads rather than 64: the workers do not share connections evenly (whichever is idle
 accepts first), and with 200 clients one worker was seen holding 86 to 125 of them; beyond its
 thread count, its requests wait for a thread while the other workers' threads sit idle. An
-idle thread costs nothing but memory.
+idle thread costs nothing but memory: the worker class (gunicorn_workers.py) gives each request
+to the thread idle the shortest, so a steady load stays on a few threads after a burst.
 Command-line flags (`-b HOST:PORT`, `-w N`) still win over everything here, as in any gunicorn
 setup.
 """
@@ -31,7 +32,8 @@ def _env(name, default):
 
 bind = _env("GATEWAY_BIND", "127.0.0.1:8000")
 workers = int(_env("GATEWAY_WORKERS", "4"))
-worker_class = _env("GATEWAY_WORKER_CLASS", "gthread")
+# gthread, on a thread pool that keeps a steady load on the same few threads (gunicorn_workers.py).
+worker_class = _env("GATEWAY_WORKER_CLASS", "gunicorn_workers.LifoThreadWorker")
 threads = int(_env("GATEWAY_THREADS", "128"))
 # Idle keep-alive connections a gthread worker holds beyond its busy threads.
 worker_connections = int(_env("GATEWAY_WORKER_CONNECTIONS", "1000"))
