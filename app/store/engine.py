@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Connection, Engine, create_engine, event, text
 
 from app.store.tables import metadata
-
-log = logging.getLogger(__name__)
 
 
 def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets gunicorn's workers read while one writes; busy_timeout makes writers queue
     # instead of failing with "database is locked".
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
@@ -64,11 +60,21 @@ def open_engine(url: str, pool_size: int = 10, max_overflow: int = 10) -> Engine
     return engine
 
 
+# The key of the PostgreSQL advisory lock that schema creation holds ("bailian" in ASCII).
+_SCHEMA_LOCK_KEY = 0x6261696C69616E
+
+
 def create_schema(engine: Engine) -> None:
-    """Create missing tables; tolerate another process creating them at the same moment."""
-    try:
-        metadata.create_all(engine)
-    except SQLAlchemyError:
-        # Several workers or instances may race on first start; the loser finds the tables made.
-        log.info("schema creation raced with another process; checking again")
-        metadata.create_all(engine)
+    """Create missing tables, one process at a time."""
+    # Every gunicorn worker (and every instance) runs this as it starts. Checking for each table
+    # and creating it are separate statements, so two workers on an empty database both find a
+    # table missing and the second CREATE fails: the worker does not boot, and gunicorn stops
+    # the whole server. The check and the creation therefore run under a database-wide lock.
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            # The write lock, taken now rather than at the first CREATE; busy_timeout queues
+            # the other workers behind it.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        elif engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+        metadata.create_all(conn)
