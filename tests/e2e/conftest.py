@@ -517,6 +517,31 @@ def gateway(
     assert not leaked, f"secrets in the gunicorn log {gw.log_path}: {leaked}"
 
 
+@pytest.fixture(autouse=True)
+def _gateway_alive(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test on the session's gateway with gunicorn's exit code and log if it died.
+
+    Without this, every later test fails on "connection refused" and the reason is lost
+    with the temporary directory.
+    """
+    if "gateway" not in request.fixturenames:
+        yield
+        return
+    gw: Gateway = request.getfixturevalue("gateway")
+    _fail_if_exited(gw)
+    yield
+    _fail_if_exited(gw)
+
+
+def _fail_if_exited(gateway: Gateway) -> None:
+    if gateway.process.poll() is not None:
+        tail = "\n".join(gateway.log_text().splitlines()[-60:])
+        pytest.fail(
+            f"the {gateway.backend} gateway's gunicorn exited with "
+            f"{gateway.process.returncode}; the end of its log:\n{tail}"
+        )
+
+
 @dataclass(frozen=True)
 class Keys:
     """Gateway keys made with the CLI for the e2e accounts."""
