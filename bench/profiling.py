@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -131,6 +133,29 @@ def record(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+
+
+def finish(spies: list[subprocess.Popen[bytes]], timeout: float) -> list[str]:
+    """Wait up to `timeout` s for py-spy runs started by `record`; return each one's stderr.
+
+    A run that overruns is interrupted as Ctrl-C would, which makes py-spy write the samples it
+    took: a slow machine then gives a shorter profile rather than no benchmark report.
+    """
+    deadline = time.monotonic() + timeout
+    errors = []
+    for spy in spies:
+        try:
+            _, err = spy.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            spy.send_signal(signal.SIGINT)
+            try:
+                _, err = spy.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                _, err = spy.communicate()
+            err += f"\npy-spy overran {timeout:.0f} s and was interrupted".encode()
+        errors.append(err.decode(errors="replace"))
+    return errors
 
 
 def read_stacks(paths: list[Path], request_threads_only: bool = False) -> Counter[str]:

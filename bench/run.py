@@ -526,7 +526,7 @@ def run_profile(
         svg: Path | None = out_dir / f"{stem}-profile-{key}.svg"
         assert svg is not None
         spy = profiling.record(busiest, svg_seconds, svg, "gil", fmt="flamegraph")
-        svg_error = spy.communicate(timeout=svg_seconds + 60)[1].decode(errors="replace")
+        svg_error = profiling.finish([spy], svg_seconds + 60)[0]
         if spy.returncode != 0 or not svg.exists() or "ERROR" in svg.read_text()[:2000]:
             log(f"py-spy flame graph failed: {svg_error.strip()[-300:]}")
             svg = None
@@ -540,9 +540,10 @@ def run_profile(
                 profiling.record(pid, seconds, path, mode)
                 for pid, path in zip(workers, paths, strict=True)
             ]
-            errors = [
-                spy.communicate(timeout=seconds + 60)[1].decode(errors="replace") for spy in spies
-            ]
+            errors = profiling.finish(spies, seconds + 60)
+            for error in errors:
+                if "overran" in error:
+                    log(f"warning: {error.strip().splitlines()[-1]} ({key}, {mode})")
             existing = [p for p in paths if p.exists()]
             if not existing:
                 stop.set()
@@ -664,6 +665,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def unused_stem(out_dir: Path, base: str) -> str:
+    """Return `base`, or `base-2`, `base-3`...: a later run the same day keeps the earlier one."""
+    stem, n = base, 1
+    while (out_dir / f"{stem}.json").exists() or (out_dir / f"{stem}.md").exists():
+        n += 1
+        stem = f"{base}-{n}"
+    return stem
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write the report; return the exit status."""
     args = parse_args(argv)
@@ -678,9 +688,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(args, driver)
     load_before = os.getloadavg()[0]
     date = time.strftime("%Y-%m-%d")
-    stem = f"{date}-smoke" if plan.smoke else date
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
+    stem = unused_stem(out_dir, f"{date}-smoke" if plan.smoke else date)
     workdir = Path(tempfile.mkdtemp(prefix="bailian-bench-"))
     stack = Stack(workdir)
     log(
@@ -815,7 +825,11 @@ def run(
     checks = check_targets(plan, cases, burst)
     profile: dict[str, Any] | None = None
     if plan.profile:
-        profile = run_profile(plan, driver, scenarios, gateway, out_dir, stem, log)
+        try:
+            profile = run_profile(plan, driver, scenarios, gateway, out_dir, stem, log)
+        except Exception as exc:  # the measurements above must still make a report
+            log(f"profile failed: {exc!r}")
+            profile = {"note": f"The profile failed: {exc!r}."}
     versions = tool_versions()
     return {
         "meta": {

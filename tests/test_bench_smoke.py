@@ -8,10 +8,13 @@ a Python loop. It installs nothing. The figures are meaningless; that it all wor
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = {"query_running", "query_done", "submit", "query_slow"}
@@ -53,3 +56,22 @@ def test_bench_smoke_runs_every_scenario_and_writes_the_report(tmp_path: Path) -
         assert heading in text
     assert "query of a running task (upstream call)" in text
     assert len(data["checks"]) == 10
+
+
+def test_a_later_run_the_same_day_keeps_the_earlier_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = importlib.util.spec_from_file_location("bench_run", REPO_ROOT / "bench" / "run.py")
+    assert spec is not None
+    assert spec.loader is not None
+    bench_run = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_run", bench_run)  # its dataclasses look it up
+    monkeypatch.setattr(sys, "path", list(sys.path))  # it puts bench/ on the path
+    spec.loader.exec_module(bench_run)
+    unused_stem = bench_run.unused_stem
+
+    assert unused_stem(tmp_path, "2026-11-24") == "2026-11-24"
+    (tmp_path / "2026-11-24.md").write_text("first run")
+    assert unused_stem(tmp_path, "2026-11-24") == "2026-11-24-2"
+    (tmp_path / "2026-11-24-2.json").write_text("{}")
+    assert unused_stem(tmp_path, "2026-11-24") == "2026-11-24-3"
