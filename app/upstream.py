@@ -15,7 +15,12 @@ import requests
 from requests.adapters import HTTPAdapter
 from requests.utils import get_encoding_from_headers
 from urllib3.connectionpool import ConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    MaxRetryError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
 from urllib3.util.retry import Retry
 
 from app.config import Channel
@@ -105,13 +110,12 @@ class UpstreamAnswer:
         return value if isinstance(value, str) and value else None
 
 
-def _is_connect_failure(exc: requests.ConnectionError) -> bool:
-    # requests wraps urllib3's MaxRetryError; its reason tells "never connected" from
-    # "connected, sent, then lost the connection", which may have created a task.
+def _urllib3_reason(exc: requests.ConnectionError) -> object:
+    # requests wraps urllib3's error (in a MaxRetryError when it came from sending); its type
+    # tells "never connected" from "connected, sent, then lost the connection" (which may have
+    # created a task) and from "the answer stopped coming".
     reason = exc.args[0] if exc.args else None
-    if isinstance(reason, MaxRetryError):
-        reason = reason.reason
-    return isinstance(reason, NewConnectionError | ConnectTimeoutError)
+    return reason.reason if isinstance(reason, MaxRetryError) else reason
 
 
 class ChannelAdapter(HTTPAdapter):
@@ -313,33 +317,39 @@ class DashScopeClient:
         self, channel: Channel, session: requests.Session, prepared: requests.PreparedRequest
     ) -> UpstreamAnswer:
         # Session.request would merge the session's headers, cookies, hooks and settings into
-        # every call (a tenth of a task query's CPU, in typing.Protocol checks mostly); these
-        # sessions hold none, so the request is prepared on its own and sent on the session.
+        # every call (a tenth of a task query's CPU, in typing.Protocol checks mostly), and
+        # Session.send would run response hooks, fill the cookie jar and look for a redirect
+        # (a tenth of the call itself). These sessions hold no hooks, keep no cookies and follow
+        # no redirects, so the prepared request goes straight to the session's adapter.
+        adapter = session.get_adapter(prepared.url or "")
         try:
             # No proxies (trust_env is off), said here so that requests does not work it out
             # again on every call.
-            response = session.send(
-                prepared, timeout=self.timeout, allow_redirects=False, proxies={}
-            )
+            response = adapter.send(prepared, timeout=self.timeout, proxies={})
+            # Read here, so that a body cut short fails as the call does.
+            body = response.content
         except requests.ConnectTimeout:
             raise UpstreamUnreachable(channel.name, "connect timeout") from None
         except requests.ReadTimeout:
             raise UpstreamTimeout(channel.name, "read timeout") from None
         except requests.ConnectionError as exc:
-            if _is_connect_failure(exc):
+            reason = _urllib3_reason(exc)
+            if isinstance(reason, NewConnectionError | ConnectTimeoutError):
                 raise UpstreamUnreachable(channel.name, "connection failed") from None
+            if isinstance(reason, ReadTimeoutError):  # the body stalled after the headers came
+                raise UpstreamTimeout(channel.name, "read timeout") from None
             raise UpstreamBrokenAnswer(channel.name, "connection lost after sending") from None
         except requests.RequestException as exc:
             raise UpstreamBrokenAnswer(channel.name, type(exc).__name__) from None
         try:
-            data = json.loads(response.content)
+            data = json.loads(body)
         except ValueError:
             data = None
         if not isinstance(data, dict):
             raise UpstreamBrokenAnswer(
                 channel.name, f"HTTP {response.status_code} answer is not a JSON object"
             )
-        return UpstreamAnswer(status=response.status_code, body=response.content, data=data)
+        return UpstreamAnswer(status=response.status_code, body=body, data=data)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -13,7 +14,14 @@ import requests
 import responses
 
 from app.config import Channel
-from app.upstream import BASE_HEADERS, ChannelAdapter, DashScopeClient
+from app.upstream import (
+    BASE_HEADERS,
+    ChannelAdapter,
+    DashScopeClient,
+    UpstreamBrokenAnswer,
+    UpstreamError,
+    UpstreamTimeout,
+)
 
 UPSTREAM_KEY = "sk-upstream-0123456789"
 ANSWER = {"request_id": "r", "output": {"task_id": "t", "task_status": "RUNNING"}}
@@ -214,3 +222,48 @@ def test_the_adapter_cuts_the_request_target_requests_would(url: str) -> None:
     prepared.url = url  # as given: preparing would already drop an empty query
     expected = requests.adapters.HTTPAdapter().request_url(prepared, {})
     assert ChannelAdapter().request_url(prepared, {}) == expected
+
+
+class _HalfAnswer(BaseHTTPRequestHandler):
+    """Send the headers and part of a body, then close the connection or fall silent."""
+
+    protocol_version = "HTTP/1.1"
+    then_stall = False
+
+    def do_GET(self) -> None:
+        body = json.dumps(ANSWER).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[:10])
+        self.wfile.flush()
+        if self.then_stall:
+            time.sleep(1.5)  # past the client's read timeout
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Print nothing."""
+
+
+@pytest.mark.parametrize(
+    ("then_stall", "expected"),
+    [(False, UpstreamBrokenAnswer), (True, UpstreamTimeout)],
+    ids=["cut-short", "stalled"],
+)
+def test_a_body_that_stops_halfway_is_a_typed_failure(
+    then_stall: bool, expected: type[UpstreamError]
+) -> None:
+    handler = type("Handler", (_HalfAnswer,), {"then_stall": then_stall})
+    server = _Server(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        client = DashScopeClient(2, 0.5, query_retries=0)
+        origin = f"http://127.0.0.1:{server.server_port}"
+        with pytest.raises(UpstreamError) as raised:
+            client.query_task(channel(origin), "t-1")
+        assert type(raised.value) is expected
+        assert UPSTREAM_KEY not in str(raised.value)
+    finally:
+        server.shutdown()
+        server.server_close()
