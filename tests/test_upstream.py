@@ -122,6 +122,23 @@ class _Server(ThreadingHTTPServer):
     # Handler threads wait on kept-alive connections; closing must not wait for them.
     block_on_close = False
 
+    @classmethod
+    def start(cls, handler: type[BaseHTTPRequestHandler]) -> _Server:
+        """Serve `handler` on a free local port, on a thread of its own."""
+        server = cls(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        return server
+
+    @property
+    def origin(self) -> str:
+        """Return the server's `http://host:port`."""
+        return f"http://127.0.0.1:{self.server_port}"
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self.shutdown()
+        self.server_close()
+
 
 class _Recorder(BaseHTTPRequestHandler):
     """Answer every request with a running task and a cookie; remember who asked for what."""
@@ -149,14 +166,10 @@ def origins() -> Iterator[list[tuple[str, list[Seen]]]]:
     started = []
     for _ in range(10):
         seen: list[Seen] = []
-        handler = type("Handler", (_Recorder,), {"seen": seen})
-        server = _Server(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-        started.append((server, f"http://127.0.0.1:{server.server_port}", seen))
-    yield [(origin, seen) for _, origin, seen in started]
-    for server, _, _ in started:
-        server.shutdown()
-        server.server_close()
+        started.append((_Server.start(type("Handler", (_Recorder,), {"seen": seen})), seen))
+    yield [(server.origin, seen) for server, seen in started]
+    for server, _ in started:
+        server.stop()
 
 
 def test_each_origin_keeps_its_connection_and_sends_no_cookie(
@@ -254,16 +267,12 @@ class _HalfAnswer(BaseHTTPRequestHandler):
 def test_a_body_that_stops_halfway_is_a_typed_failure(
     then_stall: bool, expected: type[UpstreamError]
 ) -> None:
-    handler = type("Handler", (_HalfAnswer,), {"then_stall": then_stall})
-    server = _Server(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    server = _Server.start(type("Handler", (_HalfAnswer,), {"then_stall": then_stall}))
     try:
         client = DashScopeClient(2, 0.5, query_retries=0)
-        origin = f"http://127.0.0.1:{server.server_port}"
         with pytest.raises(UpstreamError) as raised:
-            client.query_task(channel(origin), "t-1")
+            client.query_task(channel(server.origin), "t-1")
         assert type(raised.value) is expected
         assert UPSTREAM_KEY not in str(raised.value)
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
