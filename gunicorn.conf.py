@@ -8,7 +8,8 @@ one is busier the other core idles; four also keep fewer threads contending for 
 accepts first), and with 200 clients one worker was seen holding 86 to 125 of them; beyond its
 thread count, its requests wait for a thread while the other workers' threads sit idle. An
 idle thread costs nothing but memory: the worker class (gunicorn_workers.py) gives each request
-to the thread idle the shortest, so a steady load stays on a few threads after a burst.
+to the thread idle the shortest, so a steady load stays on a few threads after a burst, and the
+thread that answered a request serves the connection's next one when it follows at once.
 Command-line flags (`-b HOST:PORT`, `-w N`) still win over everything here, as in any gunicorn
 setup.
 """

@@ -1,13 +1,24 @@
-"""The worker's thread pool: a steady load stays on the same thread; a burst is served in full."""
+"""The gunicorn worker: its thread pool, and the thread that keeps serving a busy connection.
+
+The pool: a steady load stays on the same thread; a burst is served in full. The worker: a
+connection whose next request follows at once is served by the thread that answered it, over
+a real TCP connection, through gunicorn's own parser and WSGI layer.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+from gunicorn.config import Config
+from gunicorn.glogging import Logger
+from gunicorn.workers.gthread import TConn
 
-from gunicorn_workers import LifoThreadPool
+from gunicorn_workers import LifoThreadPool, LifoThreadWorker
 
 WAIT = 10  # seconds: a bound for a test that fails, never reached by one that passes
 
@@ -117,3 +128,145 @@ def test_calls_submitted_from_many_threads_each_run_once(pool: LifoThreadPool) -
         thread.join(WAIT)
     assert sorted(seen) == list(range(2000))
     assert len(pool_threads()) <= 4
+
+
+# ------------------------------------------------------------------------------ the worker
+
+
+class PathApp:
+    """A WSGI app that answers each request's path and runs the action set for that path."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.actions: dict[str, Callable[[], object]] = {}
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        path = environ["PATH_INFO"]
+        self.paths.append(path)
+        if path in self.actions:
+            self.actions[path]()
+        start_response("200 OK", [("Content-Length", str(len(path)))])
+        return [path.encode()]
+
+
+class Connection:
+    """A worker, a client socket, and the worker's end of the same TCP connection."""
+
+    def __init__(self, threads: int) -> None:
+        cfg = Config()
+        cfg.set("threads", threads)
+        cfg.set("keepalive", 5)
+        self.app = PathApp()
+        self.worker = LifoThreadWorker(1, os.getpid(), [], None, 30, cfg, Logger(cfg))
+        self.worker.wsgi = self.app
+        self.worker.tpool = self.worker.get_thread_pool()
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            self.client = socket.create_connection(listener.getsockname(), timeout=WAIT)
+            accepted, address = listener.accept()
+            self.served = TConn(cfg, accepted, address, listener.getsockname())
+        self.answers = self.client.makefile("rb")
+
+    def send(self, *paths: str) -> None:
+        """Send GET requests for the paths, in one write."""
+        self.client.sendall(
+            b"".join(f"GET {p} HTTP/1.1\r\nHost: t\r\n\r\n".encode() for p in paths)
+        )
+
+    def handle(self) -> object:
+        """Run the worker's handling of the connection, as a pool thread does."""
+        return self.worker.handle(self.served)
+
+    def read_answer(self) -> bytes:
+        """Return the body of the next answer on the connection."""
+        assert self.answers.readline().startswith(b"HTTP/1.1 200")
+        length = 0
+        while (line := self.answers.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return self.answers.read(length)
+
+    def close(self) -> None:
+        """Close both ends, the pool and the worker's heartbeat file."""
+        self.answers.close()
+        self.client.close()
+        self.served.close()
+        self.worker.tpool.shutdown(wait=True, cancel_futures=True)
+        self.worker.tmp.close()
+
+
+@pytest.fixture
+def make_connection() -> Iterator[Callable[[int], Connection]]:
+    """Make connections to workers of so many threads; close them after the test."""
+    made: list[Connection] = []
+
+    def make(threads: int) -> Connection:
+        made.append(Connection(threads))
+        return made[-1]
+
+    yield make
+    for connection in made:
+        connection.close()
+
+
+def test_a_request_that_follows_at_once_is_served_by_the_same_thread(make_connection):
+    connection = make_connection(4)
+    # The client sends its next request while the first is being answered.
+    connection.app.actions["/first"] = lambda: connection.send("/second")
+    connection.send("/first")
+    # gthread's handle returns after each request and leaves the next to its main thread.
+    assert connection.handle() is True  # kept alive, back to the poller once nothing follows
+    assert connection.app.paths == ["/first", "/second"]
+    assert [connection.read_answer(), connection.read_answer()] == [b"/first", b"/second"]
+
+
+def test_with_no_thread_to_spare_the_connection_goes_back_to_the_poller(make_connection):
+    connection = make_connection(1)
+    release = threading.Event()
+    busy = connection.worker.tpool.submit(release.wait, WAIT)  # the pool's only thread
+    try:
+        connection.app.actions["/first"] = lambda: connection.send("/second")
+        connection.send("/first")
+        assert connection.handle() is True
+        # The thread did not wait for this connection: another may need it more.
+        assert connection.app.paths == ["/first"]
+    finally:
+        release.set()
+        busy.result(WAIT)
+
+
+def test_pipelined_requests_are_served_even_with_no_thread_to_spare(make_connection):
+    connection = make_connection(1)
+    release = threading.Event()
+    busy = connection.worker.tpool.submit(release.wait, WAIT)
+    try:
+        connection.send("/first", "/second")  # read from the socket together with the first
+        assert connection.handle() is True
+        assert connection.app.paths == ["/first", "/second"]
+        assert [connection.read_answer(), connection.read_answer()] == [b"/first", b"/second"]
+    finally:
+        release.set()
+        busy.result(WAIT)
+
+
+def test_a_stopping_worker_does_not_wait_for_the_next_request(make_connection):
+    connection = make_connection(4)
+
+    def stop_and_send() -> None:
+        connection.worker.alive = False  # as on SIGTERM
+        connection.send("/second")
+
+    connection.app.actions["/first"] = stop_and_send
+    connection.send("/first")
+    # gthread keeps the connection a moment and answers what comes with "Connection: close".
+    assert connection.handle() is True
+    assert connection.app.paths == ["/first"]
+
+
+def test_a_connection_the_client_closes_while_waited_on_ends(make_connection):
+    connection = make_connection(4)
+    connection.app.actions["/first"] = lambda: connection.client.shutdown(socket.SHUT_WR)
+    connection.send("/first")
+    assert connection.handle() is False  # closed, not handed back to the poller
+    assert connection.app.paths == ["/first"]
+    assert connection.read_answer() == b"/first"
