@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,16 +14,36 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 
 from app.store.tables import metadata
 
+# How long a connection waits for a lock other connections hold.
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
 
 def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets gunicorn's workers read while one writes; busy_timeout makes writers queue
     # instead of failing with "database is locked".
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    _switch_to_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """Put the database in WAL mode, waiting out other connections switching it too."""
+    # The switch needs the database to itself. When workers open a new database at once, each
+    # takes a shared lock first, and SQLite fails all but one of them at once ("database is
+    # locked") instead of calling the busy handler, since none could wait its way out. The mode
+    # is kept in the file: once one has switched it, the others' next try finds it done.
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
 
 
 # SQLite lets one writer in at a time and makes the others sleep and retry (up to 100 ms a
