@@ -151,10 +151,10 @@ class LifoThreadWorker(ThreadWorker):
     gthread hands every kept-alive connection back to its main thread after each request: the
     main thread waits for the next request with the other connections, then hands it to a pool
     thread. A client that sends its next request at once (a poller, a load of back-to-back
-    calls) pays two thread hand-offs per request for that, which cost the gateway a tenth of
-    its throughput. Here the thread that answered waits NEXT_REQUEST_WAIT_MS for the next
-    request itself, as long as the pool has a thread to spare for other connections meanwhile;
-    an idle connection still goes back to the poller, for the keepalive time.
+    calls) pays two thread hand-offs per request for that, which cost the gateway about a tenth
+    of its throughput. Here the thread that answered waits up to NEXT_REQUEST_WAIT_MS for the
+    next request itself, if the pool has a thread to spare for other connections when the wait
+    begins; a connection that stays quiet goes back to the poller, for the keepalive time.
     """
 
     # gunicorn's stubs say ThreadPoolExecutor; gunicorn only calls submit and shutdown.
