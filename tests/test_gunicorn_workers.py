@@ -152,7 +152,7 @@ class PathApp:
 class Connection:
     """A worker, a client socket, and the worker's end of the same TCP connection."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, all_threads_busy: bool = False) -> None:
         cfg = Config()
         cfg.set("threads", threads)
         cfg.set("keepalive", 5)
@@ -160,6 +160,8 @@ class Connection:
         self.worker = LifoThreadWorker(1, os.getpid(), [], None, 30, cfg, Logger(cfg))
         self.worker.wsgi = self.app
         self.worker.tpool = self.worker.get_thread_pool()
+        # Calls that hold every pool thread until close(), as other connections' requests would.
+        self.burst = Burst(self.worker.tpool, threads) if all_threads_busy else None
         with socket.create_server(("127.0.0.1", 0)) as listener:
             self.client = socket.create_connection(listener.getsockname(), timeout=WAIT)
             accepted, address = listener.accept()
@@ -191,17 +193,19 @@ class Connection:
         self.answers.close()
         self.client.close()
         self.served.close()
+        if self.burst is not None:
+            self.burst.finish()
         self.worker.tpool.shutdown(wait=True, cancel_futures=True)
         self.worker.tmp.close()
 
 
 @pytest.fixture
-def make_connection() -> Iterator[Callable[[int], Connection]]:
+def make_connection() -> Iterator[Callable[..., Connection]]:
     """Make connections to workers of so many threads; close them after the test."""
     made: list[Connection] = []
 
-    def make(threads: int) -> Connection:
-        made.append(Connection(threads))
+    def make(threads: int, all_threads_busy: bool = False) -> Connection:
+        made.append(Connection(threads, all_threads_busy))
         return made[-1]
 
     yield make
@@ -221,32 +225,20 @@ def test_a_request_that_follows_at_once_is_served_by_the_same_thread(make_connec
 
 
 def test_with_no_thread_to_spare_the_connection_goes_back_to_the_poller(make_connection):
-    connection = make_connection(1)
-    release = threading.Event()
-    busy = connection.worker.tpool.submit(release.wait, WAIT)  # the pool's only thread
-    try:
-        connection.app.actions["/first"] = lambda: connection.send("/second")
-        connection.send("/first")
-        assert connection.handle() is True
-        # The thread did not wait for this connection: another may need it more.
-        assert connection.app.paths == ["/first"]
-    finally:
-        release.set()
-        busy.result(WAIT)
+    connection = make_connection(1, all_threads_busy=True)
+    connection.app.actions["/first"] = lambda: connection.send("/second")
+    connection.send("/first")
+    assert connection.handle() is True
+    # The thread did not wait for this connection: another may need it more.
+    assert connection.app.paths == ["/first"]
 
 
 def test_pipelined_requests_are_served_even_with_no_thread_to_spare(make_connection):
-    connection = make_connection(1)
-    release = threading.Event()
-    busy = connection.worker.tpool.submit(release.wait, WAIT)
-    try:
-        connection.send("/first", "/second")  # read from the socket together with the first
-        assert connection.handle() is True
-        assert connection.app.paths == ["/first", "/second"]
-        assert [connection.read_answer(), connection.read_answer()] == [b"/first", b"/second"]
-    finally:
-        release.set()
-        busy.result(WAIT)
+    connection = make_connection(1, all_threads_busy=True)
+    connection.send("/first", "/second")  # read from the socket together with the first
+    assert connection.handle() is True
+    assert connection.app.paths == ["/first", "/second"]
+    assert [connection.read_answer(), connection.read_answer()] == [b"/first", b"/second"]
 
 
 def test_a_stopping_worker_does_not_wait_for_the_next_request(make_connection):
