@@ -217,9 +217,9 @@ def worker_exit(server, worker):
 def post_worker_init(worker):
     """Exempt the objects the worker loaded the app with from the garbage collector's passes."""
     # A worker holds some 65,000 objects once the app is loaded, for as long as it lives. A full
-    # collection walks all of them with the GIL held: under load one came every half minute or
-    # so in each worker and stopped every request in it for 30-45 ms of CPU (60-100 ms of wall
-    # time on two busy cores), a tail-latency spike. Frozen, they are never walked again, and a
+    # collection walks all of them with the GIL held: under load one came every 30 to 60 s in
+    # each worker and stopped every request in it for 30-45 ms of CPU (45-100 ms of wall time
+    # on two busy cores), a tail-latency spike. Frozen, they are never walked again, and a
     # full collection walks only what the worker made since (about 5 ms). Objects that die
     # later are still freed as usual; only a cycle among them would stay.
     gc.collect()
