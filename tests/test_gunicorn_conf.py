@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import json
+import logging
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,16 +16,48 @@ import pytest
 CONF_PATH = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
 
 
-@pytest.fixture
-def gunicorn_conf() -> Iterator[ModuleType]:
+def load_gunicorn_conf() -> ModuleType:
     """Load gunicorn.conf.py as gunicorn does: a plain module run once."""
     spec = importlib.util.spec_from_file_location("gunicorn_conf", CONF_PATH)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    yield module
+    return module
+
+
+@pytest.fixture
+def gunicorn_conf() -> Iterator[ModuleType]:
+    """The shipped gunicorn.conf.py, loaded under this process's environment."""
+    yield load_gunicorn_conf()
     gc.unfreeze()
+
+
+@pytest.fixture
+def logging_untouched_after() -> Iterator[None]:
+    """Undo what a worker's logging hook does to this process's logging module."""
+    root = logging.getLogger()
+    handlers, srcfile = root.handlers[:], logging._srcfile  # type: ignore[attr-defined]
+    # With no root handler, the hook starts no listener thread in the test process.
+    root.handlers = []
+    yield
+    root.handlers = handlers
+    logging._srcfile = srcfile  # type: ignore[attr-defined]
+
+
+def where_logged_from() -> tuple[str, int]:
+    """Log a line from here; return the function and line its record says it came from."""
+    records: list[logging.LogRecord] = []
+    logger = logging.getLogger("tests.where_logged_from")
+    logger.propagate = False
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        logger.warning("here")
+    finally:
+        logger.removeHandler(handler)
+    return records[0].funcName, records[0].lineno
 
 
 def tracked_by_collections(thing: object) -> bool:
@@ -64,3 +98,28 @@ def test_garbage_left_by_loading_the_app_is_collected_not_frozen(
     finally:
         gc.enable()
     assert watched() is None
+
+
+@pytest.mark.usefixtures("logging_untouched_after")
+def test_a_worker_does_not_look_up_where_each_line_was_logged_from(
+    gunicorn_conf: ModuleType,
+) -> None:
+    assert where_logged_from()[0] == "where_logged_from"
+
+    gunicorn_conf.post_fork(server=None, worker=None)
+
+    assert where_logged_from() == ("(unknown function)", 0)
+
+
+@pytest.mark.usefixtures("logging_untouched_after")
+def test_an_operators_log_config_keeps_where_each_line_was_logged_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "logging.json"
+    config.write_text(json.dumps({"version": 1, "disable_existing_loggers": False}))
+    monkeypatch.setenv("GATEWAY_LOG_CONFIG", str(config))
+    gunicorn_conf = load_gunicorn_conf()
+
+    gunicorn_conf.post_fork(server=None, worker=None)
+
+    assert where_logged_from()[0] == "where_logged_from"
