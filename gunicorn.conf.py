@@ -194,9 +194,9 @@ def post_fork(server, worker):
     global _log_listener
     if not _env("GATEWAY_LOG_CONFIG", ""):
         # No built-in line says where it was logged from (file, line, function), and finding
-        # that out walks the caller's frames for every record: 12% of a line's CPU. This is the
-        # switch Python's logging HOWTO ("Optimization") names for it. An operator's own
-        # configuration may print those fields, so it keeps them.
+        # that out walks the caller's frames for every record: 12% of the instructions a line
+        # costs. This is the switch Python's logging HOWTO ("Optimization") names for it. An
+        # operator's own configuration may print those fields, so it keeps them.
         logging._srcfile = None
     # Request threads only enqueue their records: JSON encoding and the write (and the
     # handler lock that serialises them) would otherwise sit inside every request, and a
