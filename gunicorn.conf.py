@@ -190,7 +190,7 @@ class _RecordQueueHandler(QueueHandler):
 
 
 def post_fork(server, worker):
-    """Format and write the worker's log lines on one background thread."""
+    """Keep the worker's log lines cheap: no caller lookup, and formatted off request threads."""
     global _log_listener
     if not _env("GATEWAY_LOG_CONFIG", ""):
         # No built-in line says where it was logged from (file, line, function), and finding
