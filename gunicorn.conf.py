@@ -133,8 +133,9 @@ def _logconfig(level, error_target, access_target):
 # GATEWAY_LOG_CONFIG names a JSON logging dictConfig that replaces this one (to reroute a logger).
 # This file cannot see gunicorn's command line, so its log flags cannot reach the dict: the
 # GATEWAY_* variables set the log level and destinations.
-if _env("GATEWAY_LOG_CONFIG", ""):
-    with open(_env("GATEWAY_LOG_CONFIG", "")) as _file:
+_log_config_path = _env("GATEWAY_LOG_CONFIG", "")
+if _log_config_path:
+    with open(_log_config_path) as _file:
         logconfig_dict = json.load(_file)
 else:
     logconfig_dict = _logconfig(loglevel.upper(), errorlog, accesslog)
@@ -146,7 +147,7 @@ class _GatewayLogger(glogging.Logger):
     def access(self, resp, req, environ, request_time):
         # With any logconfig gunicorn computes every request's atoms (headers and all) before
         # the level check; with access lines off that is CPU spent for nothing.
-        if accesslog or _env("GATEWAY_LOG_CONFIG", ""):
+        if accesslog or _log_config_path:
             super().access(resp, req, environ, request_time)
 
 
@@ -192,7 +193,7 @@ class _RecordQueueHandler(QueueHandler):
 def post_fork(server, worker):
     """Keep the worker's log lines cheap: no caller lookup, and formatted off request threads."""
     global _log_listener
-    if not _env("GATEWAY_LOG_CONFIG", ""):
+    if not _log_config_path:
         # No built-in line says where it was logged from (file, line, function), and finding
         # that out walks the caller's frames for every record: 12% of the instructions a line
         # costs. This is the switch Python's logging HOWTO ("Optimization") names for it. An
