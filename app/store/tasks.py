@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, bindparam, func, insert, select, update
 
-from app.store.engine import writing
+from app.store.engine import DirectRead, writing
 from app.store.tables import tasks
 
 # Once a task reaches one of these, DashScope never changes it again.
@@ -42,10 +42,13 @@ if [field.name for field in fields(Task)] != [column.name for column in tasks.co
 
 # The hot statements, built once: building one costs more than running it.
 _INSERT_TASK = insert(tasks)
-_SELECT_OWNED_TASK = select(tasks).where(
-    tasks.c.task_id == bindparam("task_id"),
-    tasks.c.account_id == bindparam("account_id"),
-    tasks.c.submitted_at > bindparam("after"),
+# Every task query runs this one.
+_SELECT_OWNED_TASK = DirectRead(
+    select(tasks).where(
+        tasks.c.task_id == bindparam("task_id"),
+        tasks.c.account_id == bindparam("account_id"),
+        tasks.c.submitted_at > bindparam("after"),
+    )
 )
 _CLAIM_REFRESH = (
     update(tasks)
@@ -103,8 +106,7 @@ def get_owned_task(
 ) -> Task | None:
     """Return the account's task, or None when it is unknown, another's, or aged out."""
     params = {"task_id": task_id, "account_id": account_id, "after": submitted_after}
-    with engine.connect() as conn:
-        row = conn.execute(_SELECT_OWNED_TASK, params).first()
+    row = _SELECT_OWNED_TASK.first(engine, params)
     return None if row is None else Task(*row)
 
 

@@ -1,0 +1,97 @@
+"""A DirectRead answers what SQLAlchemy's own execution answers, and always frees its connection."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import Column, Engine, Integer, MetaData, Table, bindparam, insert, select
+
+from app.store import create_key, open_engine
+from app.store.engine import DirectRead
+from app.store.tables import tasks
+
+SUBMITTED = datetime(2026, 11, 25, 4, 30, 15, 123456)
+
+BY_ID_AND_AGE = select(tasks).where(
+    tasks.c.task_id == bindparam("task_id"), tasks.c.submitted_at > bindparam("after")
+)
+
+# A table the database does not have, for a query that fails in the driver.
+NOT_CREATED = Table("no_such_table", MetaData(), Column("id", Integer))
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    # One connection, so a read that kept it (or left it mid-transaction) stalls the next one.
+    engine = open_engine(database_url, pool_size=1, max_overflow=0)
+    create_key(engine, "acme")
+    yield engine
+    engine.dispose()
+
+
+def add_task(
+    engine: Engine, task_id: str, finished_at: datetime | None, submitted: datetime = SUBMITTED
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            insert(tasks),
+            {
+                "task_id": task_id,
+                "account_id": 1,
+                "key_id": 1,
+                "channel": "main",
+                "model": "wan2.2-t2v-plus",
+                "status": "SUCCEEDED" if finished_at else "RUNNING",
+                "upstream_body": '{"output": {"task_status": "RUNNING"}, "note": "ü"}',
+                "submitted_at": submitted,
+                "refreshed_at": submitted + timedelta(seconds=1),
+                "finished_at": finished_at,
+            },
+        )
+
+
+@pytest.mark.parametrize("finished_at", [None, SUBMITTED + timedelta(minutes=2, microseconds=7)])
+def test_a_row_comes_back_as_a_connection_returns_it(
+    engine: Engine, finished_at: datetime | None
+) -> None:
+    add_task(engine, "task-1", finished_at)
+    params = {"task_id": "task-1", "after": SUBMITTED - timedelta(microseconds=1)}
+    with engine.connect() as conn:
+        expected = tuple(conn.execute(BY_ID_AND_AGE, params).one())
+
+    row = DirectRead(BY_ID_AND_AGE).first(engine, params)
+
+    assert row == expected
+    assert row is not None
+    assert row[7] == SUBMITTED  # a datetime, to the microsecond, not the driver's text
+    assert row[9] == finished_at
+
+
+def test_parameters_are_converted_before_they_are_compared(engine: Engine) -> None:
+    # On a whole second: SQLite's own datetime text drops the zero microseconds that the
+    # stored text has, and would compare as earlier.
+    submitted = SUBMITTED.replace(microsecond=0)
+    add_task(engine, "task-1", None, submitted)
+    read = DirectRead(BY_ID_AND_AGE)
+
+    assert read.first(engine, {"task_id": "task-1", "after": submitted}) is None
+    assert read.first(engine, {"task_id": "other", "after": datetime(2000, 1, 1)}) is None
+    found = read.first(engine, {"task_id": "task-1", "after": submitted - timedelta(seconds=1)})
+    assert found is not None
+    assert found[0] == "task-1"
+
+
+def test_the_connection_goes_back_to_the_pool_even_when_the_query_fails(engine: Engine) -> None:
+    add_task(engine, "task-1", None)
+    params = {"task_id": "task-1", "after": datetime(2000, 1, 1)}
+
+    with pytest.raises(Exception, match="no_such_table"):
+        DirectRead(select(NOT_CREATED)).first(engine, {})
+
+    assert engine.pool.checkedout() == 0
+    # The pool's only connection, rolled back: on PostgreSQL a failed statement would otherwise
+    # leave its transaction unusable.
+    assert DirectRead(BY_ID_AND_AGE).first(engine, params) is not None
+    assert engine.pool.checkedout() == 0
