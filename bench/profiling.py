@@ -21,6 +21,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+# Database work: through SQLAlchemy's Connection, or app/store/engine.py's DirectRead, whose own
+# frame is the innermost one while the driver's C code runs a statement.
+_DATABASE = r"\(sqlalchemy/|\(app/store/engine\.py"
+_DRIVER_CALL = r"(do_execute|do_commit|fetchone|fetchall) \(sqlalchemy/|DirectRead\.first \(app/"
+
 # (name, a frame anywhere on the stack, the innermost frame or None). A sample counts for
 # every row it matches, so the shares are inclusive and add up to more than 100%.
 OPERATIONS: tuple[tuple[str, str, str | None], ...] = (
@@ -48,11 +53,16 @@ OPERATIONS: tuple[tuple[str, str, str | None], ...] = (
     ),
     ("answer from the store (stored_answer)", r"stored_answer \(app/", None),
     ("JSON encode/decode (json module, anywhere)", r"\(json/", None),
-    ("SQLAlchemy + sqlite3 (anywhere)", r"\(sqlalchemy/", None),
+    ("SQLAlchemy + sqlite3 (anywhere, DirectRead included)", _DATABASE, None),
     (
         "  of which statement execution in SQLite (incl. lock waits)",
-        r"\(sqlalchemy/",
-        r"(do_execute|do_commit|fetchone|fetchall) \(sqlalchemy/",
+        _DATABASE,
+        _DRIVER_CALL,
+    ),
+    (
+        "  of which waiting for this process's SQLite write lock (writing)",
+        r"writing \(app/store/engine\.py",
+        r"writing \(app/store/engine\.py",
     ),
     ("  of which waiting for a pooled connection", r"\(sqlalchemy/pool/", r"wait \(threading\.py"),
     (
@@ -77,8 +87,9 @@ OPERATIONS: tuple[tuple[str, str, str | None], ...] = (
 
 # Where each sample's innermost Python frame is (exclusive: the shares add up to 100%).
 LIBRARIES: tuple[tuple[str, str], ...] = (
+    # First: DirectRead.first is app code, but its samples are the driver's C calls.
+    ("SQLAlchemy + sqlite3 (incl. time inside sqlite3 C calls)", rf"\(sqlalchemy/|{_DRIVER_CALL}"),
     ("app code (app/)", r"\(app/"),
-    ("SQLAlchemy (incl. time inside sqlite3 C calls)", r"\(sqlalchemy/"),
     ("requests + urllib3 + http.client", r"\((requests|urllib3|http)/"),
     ("socket / selectors", r"\((socket|ssl|selectors)\.py"),
     ("json", r"\(json/"),
