@@ -6,7 +6,18 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import Column, Engine, Integer, MetaData, Table, bindparam, insert, select
+from sqlalchemy import (
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    Table,
+    bindparam,
+    create_engine,
+    insert,
+    select,
+    text,
+)
 
 from app.store import create_key, open_engine
 from app.store.engine import DirectRead
@@ -95,3 +106,23 @@ def test_the_connection_goes_back_to_the_pool_even_when_the_query_fails(engine: 
     # leave its transaction unusable.
     assert DirectRead(BY_ID_AND_AGE).first(engine, params) is not None
     assert engine.pool.checkedout() == 0
+
+
+def test_a_connection_the_server_dropped_is_replaced_before_the_read(
+    engine: Engine, database_url: str
+) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("a server that drops connections: PostgreSQL only")
+    add_task(engine, "task-1", None)
+    read = DirectRead(BY_ID_AND_AGE)
+    params = {"task_id": "task-1", "after": datetime(2000, 1, 1)}
+    assert read.first(engine, params) is not None
+    with engine.connect() as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    # As a server restart or an idle timeout would: the pool still holds the connection.
+    killer = create_engine(database_url)
+    with killer.connect() as conn:
+        conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    killer.dispose()
+
+    assert read.first(engine, params) is not None
