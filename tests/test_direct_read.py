@@ -14,12 +14,11 @@ from sqlalchemy import (
     Table,
     bindparam,
     create_engine,
-    insert,
     select,
     text,
 )
 
-from app.store import create_key, open_engine
+from app.store import create_key, open_engine, record_task
 from app.store.engine import DirectRead
 from app.store.tables import tasks
 
@@ -42,32 +41,26 @@ def engine(database_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-def add_task(
-    engine: Engine, task_id: str, finished_at: datetime | None, submitted: datetime = SUBMITTED
-) -> None:
-    with engine.begin() as conn:
-        conn.execute(
-            insert(tasks),
-            {
-                "task_id": task_id,
-                "account_id": 1,
-                "key_id": 1,
-                "channel": "main",
-                "model": "wan2.2-t2v-plus",
-                "status": "SUCCEEDED" if finished_at else "RUNNING",
-                "upstream_body": '{"output": {"task_status": "RUNNING"}, "note": "ü"}',
-                "submitted_at": submitted,
-                "refreshed_at": submitted + timedelta(seconds=1),
-                "finished_at": finished_at,
-            },
-        )
+def add_task(engine: Engine, status: str, submitted: datetime = SUBMITTED) -> None:
+    record_task(
+        engine,
+        task_id="task-1",
+        account_id=1,
+        key_id=1,
+        channel="main",
+        model="wan2.2-t2v-plus",
+        status=status,
+        upstream_body='{"output": {"task_status": "RUNNING"}, "note": "ü"}',
+        now=submitted,
+    )
 
 
-@pytest.mark.parametrize("finished_at", [None, SUBMITTED + timedelta(minutes=2, microseconds=7)])
+# A final task is stored with its finish time (to the microsecond), a running one with NULL.
+@pytest.mark.parametrize(("status", "finished_at"), [("RUNNING", None), ("SUCCEEDED", SUBMITTED)])
 def test_a_row_comes_back_as_a_connection_returns_it(
-    engine: Engine, finished_at: datetime | None
+    engine: Engine, status: str, finished_at: datetime | None
 ) -> None:
-    add_task(engine, "task-1", finished_at)
+    add_task(engine, status)
     params = {"task_id": "task-1", "after": SUBMITTED - timedelta(microseconds=1)}
     with engine.connect() as conn:
         expected = tuple(conn.execute(BY_ID_AND_AGE, params).one())
@@ -84,7 +77,7 @@ def test_parameters_are_converted_before_they_are_compared(engine: Engine) -> No
     # On a whole second: SQLite's own datetime text drops the zero microseconds that the
     # stored text has, and would compare as earlier.
     submitted = SUBMITTED.replace(microsecond=0)
-    add_task(engine, "task-1", None, submitted)
+    add_task(engine, "RUNNING", submitted)
     read = DirectRead(BY_ID_AND_AGE)
 
     assert read.first(engine, {"task_id": "task-1", "after": submitted}) is None
@@ -95,7 +88,7 @@ def test_parameters_are_converted_before_they_are_compared(engine: Engine) -> No
 
 
 def test_the_connection_goes_back_to_the_pool_even_when_the_query_fails(engine: Engine) -> None:
-    add_task(engine, "task-1", None)
+    add_task(engine, "RUNNING")
     params = {"task_id": "task-1", "after": datetime(2000, 1, 1)}
 
     with pytest.raises(Exception, match="no_such_table"):
@@ -113,7 +106,7 @@ def test_a_connection_the_server_dropped_is_replaced_before_the_read(
 ) -> None:
     if not database_url.startswith("postgresql"):
         pytest.skip("a server that drops connections: PostgreSQL only")
-    add_task(engine, "task-1", None)
+    add_task(engine, "RUNNING")
     read = DirectRead(BY_ID_AND_AGE)
     params = {"task_id": "task-1", "after": datetime(2000, 1, 1)}
     assert read.first(engine, params) is not None
