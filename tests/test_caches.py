@@ -97,3 +97,23 @@ def test_a_refresh_that_repeats_the_stored_answer_writes_nothing(
     assert (first.json["request_id"], second.json["request_id"]) == ("first", "second")
     assert json.loads(stored_row(app).upstream_body)["request_id"] == "first"
     assert stored_row(app).status == "RUNNING"
+
+
+def test_a_refresh_that_changes_after_repeats_is_stored(
+    app: Flask, api_key: str, upstream: responses.RequestsMock
+) -> None:
+    submit(app, api_key, upstream)
+    running = {"output": {"task_id": TASK_ID, "task_status": "RUNNING", "submit_time": "t"}}
+    done = {
+        "output": {**running["output"], "task_status": "SUCCEEDED", "video_url": "https://v"},
+        "usage": {"duration": 5},
+    }
+    for request_id, answer in (("r1", running), ("r2", running), ("r3", running), ("d", done)):
+        upstream.get(UPSTREAM_TASK, json={"request_id": request_id, **answer})
+
+    statuses = [query(app, api_key).json["output"]["task_status"] for _ in range(4)]
+
+    assert statuses == ["RUNNING"] * 3 + ["SUCCEEDED"]
+    stored = json.loads(stored_row(app).upstream_body)
+    assert (stored["request_id"], stored["usage"]) == ("d", {"duration": 5})
+    assert stored_row(app).status == "SUCCEEDED"
