@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import requests
 import responses
 from flask.testing import FlaskClient
 
+from app.observability.access import new_request_id
 from app.observability.logs import json_formatter
 from tests.conftest import (
     INTL_UPSTREAM_KEY,
@@ -95,6 +97,22 @@ def test_a_gateway_error_is_logged_under_the_id_the_client_sees(
         None,
         None,
     )
+
+
+def test_request_ids_are_uuid4s_that_forked_workers_do_not_repeat(client: FlaskClient) -> None:
+    answered = [client.get("/healthz").headers["X-Request-Id"] for _ in range(50)]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a gunicorn worker is forked the same way
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    in_child, in_parent = os.read(read, 100).decode(), new_request_id()
+
+    assert all(str(uuid.UUID(value)) == value for value in answered)
+    assert {uuid.UUID(value).version for value in answered} == {4}
+    assert len(set(answered)) == len(answered)
+    assert in_child != in_parent
 
 
 def test_one_upstream_line_per_call_with_the_path_template(
