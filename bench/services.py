@@ -33,7 +33,8 @@ SLOW_MODEL = "bench-slow"  # the fake with a fixed upstream latency; tasks stay 
 CHANNEL_KEY_ENV = "BENCH_CHANNEL_KEY"
 CHANNEL_KEY = "sk-bench-channel-0123456789abcdef"
 HUGE_SECONDS = 10**9  # a simulator task that is RUNNING for this long never finishes
-SHIPPED_WORKERS = 4  # gunicorn.conf.py's default; the bench never overrides it
+# gunicorn.conf.py's default, one worker per usable CPU; the bench never overrides it.
+SHIPPED_WORKERS = len(os.sched_getaffinity(0))
 # Debian's libnginx-mod-http-echo: `echo_sleep` answers after a delay without using the CPU.
 ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 

@@ -6,6 +6,8 @@ import gc
 import importlib.util
 import json
 import logging
+import os
+import threading
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,3 +125,75 @@ def test_an_operators_log_config_keeps_where_each_line_was_logged_from(
     gunicorn_conf.post_fork(server=None, worker=None)
 
     assert where_logged_from()[0] == "where_logged_from"
+
+
+class _Worker:
+    """What gunicorn's pre_fork and post_fork hooks are given of a worker."""
+
+    def __init__(self) -> None:
+        self.log = logging.getLogger("tests.gunicorn_worker")
+
+
+class _Server:
+    """The arbiter as pre_fork sees it: its live workers, by pid."""
+
+    def __init__(self, workers: list[_Worker]) -> None:
+        self.WORKERS = dict(enumerate(workers))
+
+
+def test_each_new_worker_goes_to_the_cpu_fewest_live_workers_run_on(
+    gunicorn_conf: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gunicorn_conf, "_cpus", [0, 1, 2])
+    live: list[_Worker] = []
+    for _ in range(5):
+        worker = _Worker()
+        gunicorn_conf.pre_fork(_Server(live), worker)
+        live.append(worker)
+    spread = [w.gateway_cpu for w in live]  # type: ignore[attr-defined]
+
+    del live[1]  # the worker on CPU 1 died (or a reload replaced it)
+    replacement = _Worker()
+    gunicorn_conf.pre_fork(_Server(live), replacement)
+
+    assert spread == [0, 1, 2, 0, 1]
+    assert replacement.gateway_cpu == 1  # type: ignore[attr-defined]
+
+
+def test_without_pinning_workers_get_no_cpu(
+    gunicorn_conf: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gunicorn_conf, "_pin_workers", False)
+    worker = _Worker()
+    gunicorn_conf.pre_fork(_Server([]), worker)
+    assert not hasattr(worker, "gateway_cpu")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_a_forked_worker_and_the_threads_it_starts_run_on_its_cpu_only(
+    gunicorn_conf: ModuleType, logging_untouched_after: None
+) -> None:
+    before = os.sched_getaffinity(0)
+    cpu = max(before)
+    worker = _Worker()
+    worker.gateway_cpu = cpu  # type: ignore[attr-defined]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # as gunicorn forks a worker, then runs post_fork in it
+        try:
+            gunicorn_conf.post_fork(server=None, worker=worker)
+            seen: dict[str, list[int]] = {}
+            thread = threading.Thread(
+                target=lambda: seen.setdefault("thread", sorted(os.sched_getaffinity(0)))
+            )
+            thread.start()
+            thread.join()
+            seen["worker"] = sorted(os.sched_getaffinity(0))
+            os.write(write, json.dumps(seen).encode())
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    seen = json.loads(os.read(read, 1000))
+
+    assert seen == {"worker": [cpu], "thread": [cpu]}
+    assert os.sched_getaffinity(0) == before  # the hook ran in the child only

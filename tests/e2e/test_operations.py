@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import signal
 import stat
 import textwrap
@@ -157,6 +158,26 @@ def test_hup_lets_in_flight_requests_finish_on_the_old_workers(
     server.wait_for_log(lambda m: len(booted(m)) == 4 and set(old_workers) <= set(exited(m)))
     assert [query(server, key, task_id).status_code for task_id in task_ids] == [200] * 4
     assert server.process.poll() is None
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this OS")
+def test_workers_each_run_on_one_cpu_spread_over_the_cpus_across_a_reload(
+    serve: Callable[..., Gateway],
+) -> None:
+    server = serve()
+    server.wait_for_log(lambda m: len(booted(m)) == 2)
+    first = booted(server.messages())
+    first_cpus = [os.sched_getaffinity(int(pid)) for pid in first]
+
+    server.signal(signal.SIGHUP)
+    server.wait_for_log(lambda m: len(booted(m)) == 4 and set(first) <= set(exited(m)))
+    second = booted(server.messages())[2:]
+    second_cpus = [os.sched_getaffinity(int(pid)) for pid in second]
+
+    spread = min(2, len(os.sched_getaffinity(0)))  # two workers, on as many CPUs as there are
+    for cpus in (first_cpus, second_cpus):
+        assert all(len(one) == 1 for one in cpus)
+        assert len(set().union(*cpus)) == spread
 
 
 def test_a_load_running_through_reloads_sees_no_failed_request(
