@@ -6,14 +6,15 @@ one worker per CPU the server may use, each pinned to its own CPU, with 256 thre
 threads take turns on one GIL: every time one lets go of it for a system call (a socket, SQLite)
 another takes it, and when those threads run on different CPUs each hand-off wakes a thread
 on the other CPU and moves the interpreter's working set between the two caches. On one CPU
-the same hand-offs stay warm. Measured on the 2-core machine, in alternating runs: 2 pinned
-workers answered 17-33% more running-task queries a second than 4 free ones (0.74-0.96 against
-0.90-1.20 ms of CPU each), and their p99 with a 200 ms DashScope at 200 connections was 226-255
-ms against 244-361 (README, "Performance"). 256 threads: the workers do not share connections
-evenly (whichever is idle accepts first), so each needs more than its even share. An idle thread
-costs nothing but memory: the worker class (gunicorn_workers.py) gives each request to the
-thread idle the shortest, so a steady load stays on a few threads after a burst, and the thread
-that answered a request serves the connection's next one when it follows at once.
+the same hand-offs stay warm. Measured on the 2-core machine, in six alternating rounds: 2
+pinned workers answered 14-33% more running-task queries a second than 4 free ones (0.74-0.97
+against 0.90-1.20 ms of CPU each), and their p99 with a 200 ms DashScope at 200 connections was
+222-255 ms against 244-416; 2 free workers did no better than 4 (README, "Performance").
+256 threads: the workers do not share connections evenly (whichever is idle accepts first), so
+each needs more than its even share. An idle thread costs nothing but memory: the worker class
+(gunicorn_workers.py) gives each request to the thread idle the shortest, so a steady load stays
+on a few threads after a burst, and the thread that answered a request serves the connection's
+next one when it follows at once.
 Command-line flags (`-b HOST:PORT`, `-w N`) still win over everything here, as in any gunicorn
 setup.
 """
