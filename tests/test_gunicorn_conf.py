@@ -194,6 +194,8 @@ def test_a_forked_worker_and_the_threads_it_starts_run_on_its_cpu_only(
             os._exit(0)
     os.waitpid(pid, 0)
     seen = json.loads(os.read(read, 1000))
+    os.close(read)
+    os.close(write)
 
     assert seen == {"worker": [cpu], "thread": [cpu]}
     assert os.sched_getaffinity(0) == before  # the hook ran in the child only

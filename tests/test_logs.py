@@ -108,6 +108,8 @@ def test_request_ids_are_uuid4s_that_forked_workers_do_not_repeat(client: FlaskC
         os._exit(0)
     os.waitpid(pid, 0)
     in_child, in_parent = os.read(read, 100).decode(), new_request_id()
+    os.close(read)
+    os.close(write)
 
     assert all(str(uuid.UUID(value)) == value for value in answered)
     assert {uuid.UUID(value).version for value in answered} == {4}
