@@ -213,11 +213,13 @@ def post_fork(server, worker):
     global _log_listener
     _pin_to_cpu(worker)
     if not _log_config_path:
-        # No built-in line says where it was logged from (file, line, function), and finding
-        # that out walks the caller's frames for every record: 12% of the instructions a line
-        # costs. This is the switch Python's logging HOWTO ("Optimization") names for it. An
-        # operator's own configuration may print those fields, so it keeps them.
+        # No built-in line says where it was logged from (file, line, function), or which thread
+        # and process logged it. Finding out walks the caller's frames for every record (12% of
+        # the instructions a line costs) and asks for the thread and the process (a system
+        # call). These are the switches Python's logging HOWTO ("Optimization") names for them.
+        # An operator's own configuration may print those fields, so it keeps them.
         logging._srcfile = None
+        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     # Request threads only enqueue their records: JSON encoding and the write (and the
     # handler lock that serialises them) would otherwise sit inside every request, and a
     # slow log reader would stall requests. The listener drains the queue every

@@ -30,8 +30,10 @@ from app.observability import metrics
 log = logging.getLogger("bailian_gateway.upstream")
 
 USER_AGENT = "bailian-gateway/0.1"
-# What every call sends besides its own headers: requests' defaults, under the gateway's name.
-BASE_HEADERS = {**requests.utils.default_headers(), "User-Agent": USER_AGENT}
+# What every call sends besides its own headers: the gateway's name and the encodings it reads.
+# Not requests' `Accept: */*` and `Connection: keep-alive`: they say what their absence means in
+# HTTP/1.1, and every header costs each call a copy, a check and an encoding.
+BASE_HEADERS = {"User-Agent": USER_AGENT, "Accept-Encoding": requests.utils.DEFAULT_ACCEPT_ENCODING}
 # Headers a client may send that DashScope honours and that mean the same through a gateway.
 FORWARDED_SUBMIT_HEADERS = ("X-DashScope-DataInspection",)
 # Each operation's method and the headers it adds to BASE_HEADERS and the channel's key.
@@ -286,8 +288,13 @@ class DashScopeClient:
             headers = {**BASE_HEADERS, **headers, "Authorization": f"Bearer {channel.api_key}"}
             if channel.workspace:
                 headers["X-DashScope-WorkSpace"] = channel.workspace
-            url = f"{channel.base_url}/api/v1/"
-            template = requests.Request(method, url, headers=headers).prepare()
+            # Prepared step by step, without requests.Request's cookie jar: these calls carry no
+            # cookie, and copying an empty jar for every call cost as much as the rest of the copy.
+            template = requests.PreparedRequest()
+            template.prepare_method(method)
+            template.prepare_url(f"{channel.base_url}/api/v1/", None)
+            template.prepare_headers(headers)
+            template.prepare_body(None, None)  # a POST without a body says Content-Length: 0
             self._templates[(channel, operation)] = template
         prepared = template.copy()
         if PLAIN_PATH.fullmatch(path):

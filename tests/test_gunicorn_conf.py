@@ -40,15 +40,17 @@ def logging_untouched_after() -> Iterator[None]:
     """Undo what a worker's logging hook does to this process's logging module."""
     root = logging.getLogger()
     handlers, srcfile = root.handlers[:], logging._srcfile  # type: ignore[attr-defined]
+    switches = logging.logThreads, logging.logProcesses, logging.logMultiprocessing
     # With no root handler, the hook starts no listener thread in the test process.
     root.handlers = []
     yield
     root.handlers = handlers
     logging._srcfile = srcfile  # type: ignore[attr-defined]
+    logging.logThreads, logging.logProcesses, logging.logMultiprocessing = switches
 
 
-def where_logged_from() -> tuple[str, int]:
-    """Log a line from here; return the function and line its record says it came from."""
+def logged_record() -> logging.LogRecord:
+    """Log a line from here and return its record."""
     records: list[logging.LogRecord] = []
     logger = logging.getLogger("tests.where_logged_from")
     logger.propagate = False
@@ -59,7 +61,19 @@ def where_logged_from() -> tuple[str, int]:
         logger.warning("here")
     finally:
         logger.removeHandler(handler)
-    return records[0].funcName, records[0].lineno
+    return records[0]
+
+
+def where_logged_from() -> tuple[str, int]:
+    """Log a line; return the function and line its record says it came from."""
+    record = logged_record()
+    return record.funcName, record.lineno
+
+
+def who_logged() -> tuple[object, object, object, object]:
+    """Log a line; return the thread, thread name, process and process name its record names."""
+    record = logged_record()
+    return record.thread, record.threadName, record.process, record.processName
 
 
 def tracked_by_collections(thing: object) -> bool:
@@ -106,11 +120,27 @@ def test_garbage_left_by_loading_the_app_is_collected_not_frozen(
 def test_a_worker_does_not_look_up_where_each_line_was_logged_from(
     gunicorn_conf: ModuleType,
 ) -> None:
-    assert where_logged_from()[0] == "where_logged_from"
+    assert where_logged_from()[0] == "logged_record"
 
     gunicorn_conf.post_fork(server=None, worker=None)
 
     assert where_logged_from() == ("(unknown function)", 0)
+
+
+@pytest.mark.usefixtures("logging_untouched_after")
+def test_a_worker_does_not_look_up_which_thread_and_process_logged_each_line(
+    gunicorn_conf: ModuleType,
+) -> None:
+    assert who_logged() == (
+        threading.get_ident(),
+        threading.current_thread().name,
+        os.getpid(),
+        "MainProcess",
+    )
+
+    gunicorn_conf.post_fork(server=None, worker=None)
+
+    assert who_logged() == (None, None, None, None)
 
 
 @pytest.mark.usefixtures("logging_untouched_after")
@@ -124,7 +154,8 @@ def test_an_operators_log_config_keeps_where_each_line_was_logged_from(
 
     gunicorn_conf.post_fork(server=None, worker=None)
 
-    assert where_logged_from()[0] == "where_logged_from"
+    assert where_logged_from()[0] == "logged_record"
+    assert who_logged()[2] == os.getpid()
 
 
 class _Worker:

@@ -188,6 +188,58 @@ def test_each_origin_keeps_its_connection_and_sends_no_cookie(
     assert [cookie for _, cookie, _ in first_seen + second_seen] == [None] * 6
 
 
+class _HeaderRecorder(BaseHTTPRequestHandler):
+    """Answer every GET and POST with a running task; remember each request's headers."""
+
+    protocol_version = "HTTP/1.1"
+    headers_seen: list[dict[str, str]]
+
+    def do_GET(self) -> None:
+        self.headers_seen.append(dict(self.headers.items()))
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps(ANSWER).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Print nothing."""
+
+
+def test_each_call_sends_only_the_headers_it_needs() -> None:
+    headers_seen: list[dict[str, str]] = []
+    server = _Server.start(type("Handler", (_HeaderRecorder,), {"headers_seen": headers_seen}))
+    try:
+        client = DashScopeClient(2, 2, query_retries=0)
+        target = channel(server.origin)
+        client.query_task(target, "t-1")
+        client.cancel_task(target, "t-1")
+        client.submit_task(target, "services/aigc/video-generation/video-synthesis", b"{}")
+    finally:
+        server.stop()
+    common = {
+        "Host": server.origin.removeprefix("http://"),
+        "User-Agent": "bailian-gateway/0.1",
+        "Accept-Encoding": requests.utils.DEFAULT_ACCEPT_ENCODING,
+        "Authorization": f"Bearer {UPSTREAM_KEY}",
+    }
+    # No `Accept: */*` or `Connection: keep-alive`: HTTP/1.1 means both without them.
+    assert headers_seen == [
+        common,
+        {**common, "Content-Length": "0"},
+        {
+            **common,
+            "Content-Type": "application/json",
+            "X-DashScope-Async": "enable",
+            "Content-Length": "2",
+        },
+    ]
+
+
 def test_more_origins_than_pools_each_get_their_own_calls(
     origins: list[tuple[str, list[Seen]]],
 ) -> None:
