@@ -15,6 +15,7 @@ from app.channels import ChannelPool
 from app.config import load_settings
 from app.gateway import Gateway
 from app.store import open_engine
+from app.turns import Turns
 from app.upstream import DashScopeClient
 
 # Enough for every active key of a large deployment; a TTL of 0 turns the cache off.
@@ -64,6 +65,7 @@ def register_gateway(app: Flask, environ: Mapping[str, str]) -> None:
         pool=ChannelPool(settings.channels),
         callers=SharedCache(TTLCache(KEY_CACHE_SIZE, settings.key_cache_seconds)),
         final_tasks=SharedCache(LRUCache(settings.final_task_cache_size)),
+        turns=Turns(settings.requests_at_once),
     )
 
 

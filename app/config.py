@@ -44,6 +44,8 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     key_cache_seconds: float = 5.0
     final_task_cache_size: int = 10_000
+    # Requests each worker works on at once (0: no limit); see app/turns.py.
+    requests_at_once: int = 2
     refresh_interval: float = 3.0
     retention_hours: float = 24.0
     pool_size: int = 10
@@ -84,6 +86,7 @@ class _ServerSection(_StrictSchema):
     max_body_bytes = fields.Integer(strict=True, validate=validate.Range(min=1024))
     key_cache_seconds = fields.Float(validate=validate.Range(min=0))
     final_task_cache_size = fields.Integer(strict=True, validate=validate.Range(min=0))
+    requests_at_once = fields.Integer(strict=True, validate=validate.Range(min=0))
 
 
 class _TasksSection(_StrictSchema):

@@ -11,6 +11,7 @@ from app.caches import SharedCache
 from app.channels import ChannelPool
 from app.config import Settings
 from app.store import Caller, Task
+from app.turns import Turns
 from app.upstream import DashScopeClient
 
 
@@ -26,6 +27,8 @@ class Gateway:
     callers: SharedCache[str, Caller]
     # Final tasks never change again, so they can be served without the database.
     final_tasks: SharedCache[str, Task]
+    # Which of the worker's requests work now: DashScope's routes take turns (app/turns.py).
+    turns: Turns
 
 
 def current_gateway() -> Gateway:

@@ -48,6 +48,21 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("compat", __name__)
 
+
+@bp.before_request
+def take_turn() -> None:
+    """Wait for this worker to have a place for the request, behind those that came first."""
+    current_gateway().turns.take()
+    g.has_turn = True
+
+
+@bp.teardown_request
+def end_turn(_error: BaseException | None) -> None:
+    """Hand the request's place to the next one waiting."""
+    if g.pop("has_turn", False):
+        current_gateway().turns.give_up()
+
+
 # DashScope's task ids are UUIDs; anything else is not one of ours and never reaches the database.
 TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -59,14 +74,15 @@ def submit_video_synthesis(group: str) -> Response:
     body, model = load_submit_body()
     ensure_model_allowed(caller, model)
     gateway = current_gateway()
-    channel, answer = submit_with_failover(
-        gateway.pool,
-        gateway.client,
-        model,
-        f"services/aigc/{group}/video-synthesis",
-        body,
-        forwarded_headers(),
-    )
+    with gateway.turns.set_aside():
+        channel, answer = submit_with_failover(
+            gateway.pool,
+            gateway.client,
+            model,
+            f"services/aigc/{group}/video-synthesis",
+            body,
+            forwarded_headers(),
+        )
     count_submit(channel, model, answer)
     if answer.status == 200:
         remember_task(caller, channel, model, answer)
@@ -97,7 +113,8 @@ def cancel_task(task_id: str) -> Response:
     channel = gateway.pool.get(task.channel)
     if task.is_final or channel is None:
         raise cannot_cancel()
-    answer = gateway.client.cancel_task(channel, task.task_id)
+    with gateway.turns.set_aside():
+        answer = gateway.client.cancel_task(channel, task.task_id)
     if answer.status in (401, 403):
         raise UpstreamBrokenAnswer(
             channel.name, f"cancel refused the channel key ({answer.status})"
@@ -127,7 +144,9 @@ def list_tasks() -> Response:
 
 def load_submit_body() -> tuple[bytes, str]:
     """Return the raw submit body and its model, or fail with DashScope's 400."""
-    body = request.get_data(cache=False)
+    # A client may upload slowly: its wait is not the worker's.
+    with current_gateway().turns.set_aside():
+        body = request.get_data(cache=False)
     limit = current_app.config["MAX_CONTENT_LENGTH"]
     if request.content_length is None and len(body) >= limit:
         # A chunked body is cut at the limit rather than refused; refuse it the same way.
@@ -243,7 +262,8 @@ def refresh_task(channel: Channel, task: Task) -> UpstreamAnswer | None:
     """Ask the task's own channel about it and store what changed; None if it did not answer."""
     gateway = current_gateway()
     try:
-        answer = gateway.client.query_task(channel, task.task_id)
+        with gateway.turns.set_aside():
+            answer = gateway.client.query_task(channel, task.task_id)
     except UpstreamError as exc:
         log.warning("task refresh failed, serving the last known status: %s", exc)
         return None
