@@ -147,10 +147,12 @@ def test_a_query_waiting_on_dashscope_leaves_its_place_to_other_requests(
         return 200, {}, '{"request_id": "q", "output": {"task_status": "RUNNING"}}'
 
     upstream.add_callback(responses.GET, f"{PRIMARY}/api/v1/tasks/{TASK_ID}", slow_dashscope)
-    waiting, _ = in_thread(lambda: client.get(f"/alibailian/api/v1/tasks/{TASK_ID}", **auth(key)))
+    waiting, _ = in_thread(
+        lambda: client.get(f"/alibailian/api/v1/tasks/{TASK_ID}", headers=bearer(key))
+    )
     assert asked.wait(5)
 
-    listing, listed = in_thread(lambda: client.get("/alibailian/api/v1/tasks", **auth(key)))
+    listing, listed = in_thread(lambda: client.get("/alibailian/api/v1/tasks", headers=bearer(key)))
     listing.join(5)
     answered = not listing.is_alive()
     answer_now.set()
@@ -199,7 +201,7 @@ def test_a_slow_upload_leaves_its_place_to_other_requests(
     )
     assert upload.started.wait(5)
 
-    listing, listed = in_thread(lambda: client.get("/alibailian/api/v1/tasks", **auth(key)))
+    listing, listed = in_thread(lambda: client.get("/alibailian/api/v1/tasks", headers=bearer(key)))
     listing.join(5)
     answered = not listing.is_alive()
     upload.arrive.set()
@@ -210,11 +212,6 @@ def test_a_slow_upload_leaves_its_place_to_other_requests(
     assert submitted[0].status_code == 200
 
 
-def auth(key: str) -> dict[str, Any]:
-    """Return the test client's keyword arguments for a request with the key."""
-    return {"headers": bearer(key)}
-
-
 def test_dashscope_routes_wait_for_a_place_and_health_does_not(one_at_a_time: Flask) -> None:
     app, key = one_at_a_time, new_key(one_at_a_time)
     client = app.test_client()
@@ -222,7 +219,7 @@ def test_dashscope_routes_wait_for_a_place_and_health_does_not(one_at_a_time: Fl
     turns.take()  # the worker's only place is taken
 
     assert client.get("/healthz").status_code == 200
-    listing, listed = in_thread(lambda: client.get("/alibailian/api/v1/tasks", **auth(key)))
+    listing, listed = in_thread(lambda: client.get("/alibailian/api/v1/tasks", headers=bearer(key)))
     wait_until(lambda: turns.waiting == 1)
     turns.give_up()
     listing.join(5)
