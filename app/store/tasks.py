@@ -8,10 +8,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine, bindparam, func, insert, select, update
 
 from app.store.engine import DirectRead, writing
-from app.store.tables import tasks
-
-# Once a task reaches one of these, DashScope never changes it again.
-FINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "CANCELED"})
+from app.store.tables import FINAL_STATUSES, tasks
 
 
 @dataclass(frozen=True)
