@@ -14,6 +14,7 @@ from app.caches import SharedCache
 from app.channels import ChannelPool
 from app.config import load_settings
 from app.gateway import Gateway
+from app.journal import Journal
 from app.store import open_engine
 from app.turns import Turns
 from app.upstream import DashScopeClient
@@ -29,6 +30,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     register_gateway(app, {**os.environ, **(overrides or {})})
     register_observability(app)
     register_blueprints(app)
+    register_reconciler(app)
     register_cli(app)
     return app
 
@@ -66,6 +68,7 @@ def register_gateway(app: Flask, environ: Mapping[str, str]) -> None:
         callers=SharedCache(TTLCache(KEY_CACHE_SIZE, settings.key_cache_seconds)),
         final_tasks=SharedCache(LRUCache(settings.final_task_cache_size)),
         turns=Turns(settings.requests_at_once),
+        journal=Journal(settings.journal_path or os.path.join(app.instance_path, "journal.jsonl")),
     )
 
 
@@ -91,8 +94,16 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(health.bp)
 
 
+def register_reconciler(app: Flask) -> None:
+    """Make the reconciler the service runs in the background (wsgi.py) and the CLI once."""
+    from app.reconcile import Reconciler
+
+    app.extensions["reconciler"] = Reconciler(app.extensions["gateway"])
+
+
 def register_cli(app: Flask) -> None:
-    """Add the `keys` commands to `flask` and `bailian-gateway`."""
-    from app.cli import keys_cli
+    """Add the `keys` and `reconcile` commands to `flask` and `bailian-gateway`."""
+    from app.cli import keys_cli, reconcile_command
 
     app.cli.add_command(keys_cli)
+    app.cli.add_command(reconcile_command)

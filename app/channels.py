@@ -100,13 +100,19 @@ def submit_with_failover(
     service_path: str,
     body: bytes,
     client_headers: Mapping[str, str],
+    before_send: Callable[[Channel], None] = lambda _channel: None,
 ) -> tuple[Channel, UpstreamAnswer]:
-    """Submit on the first channel that takes it, failing over only when nothing was created."""
+    """Submit on the first channel that takes it, failing over only when nothing was created.
+
+    `before_send` runs before each attempt with the channel about to be tried; what it raises
+    stops the submit before that channel is called.
+    """
     candidates = pool.candidates(model)
     if not candidates:
         raise NoUsableChannel(model)
     throttled: tuple[Channel, UpstreamAnswer] | None = None
     for channel in candidates:
+        before_send(channel)
         try:
             answer = client.submit_task(channel, service_path, body, client_headers)
         except UpstreamError as exc:

@@ -1,9 +1,9 @@
-"""Operator commands: `bailian-gateway keys ...` (also `flask --app wsgi keys ...`)."""
+"""Operator commands: `bailian-gateway keys ...`, `reconcile` (also through `flask --app wsgi`)."""
 
 from __future__ import annotations
 
 import click
-from flask import Flask
+from flask import Flask, current_app
 from flask.cli import AppGroup, FlaskGroup
 
 from app.gateway import current_gateway
@@ -44,6 +44,16 @@ def list_keys_command() -> None:
             f"{key.key_id:>4}  {key.account_name:<20} {'sk-...' + key.hint:<12} "
             f"{status:<8} {created:<19}  {models}"
         )
+
+
+@click.command("reconcile")
+def reconcile_command() -> None:
+    """Run one reconciler pass (journal, submissions in flight, running tasks, retention)."""
+    from app.reconcile import iter_lines
+
+    report = current_app.extensions["reconciler"].run_pass()
+    for line in iter_lines(report):
+        click.echo(line)
 
 
 def _create_app() -> Flask:

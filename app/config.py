@@ -48,6 +48,17 @@ class Settings:
     requests_at_once: int = 2
     refresh_interval: float = 3.0
     retention_hours: float = 24.0
+    # How long a task DashScope accepted is retried into the database before it is journaled.
+    record_retry_seconds: float = 30.0
+    # The local journal of accepted tasks the database refused; None: in the instance folder.
+    journal_path: str | None = None
+    # Seconds between reconciler passes in the service; 0 turns the in-service loop off.
+    reconcile_interval: float = 30.0
+    # Upstream queries a reconciler pass makes per channel and second (DashScope allows 20).
+    reconcile_queries_per_second: float = 5.0
+    # How long after a submit was sent DashScope may still create its task (read timeouts
+    # included); past it, a submission with no task in the channel's listing created nothing.
+    adoption_window_seconds: float = 300.0
     pool_size: int = 10
     max_overflow: int = 10
     channels: tuple[Channel, ...] = ()
@@ -92,6 +103,13 @@ class _ServerSection(_StrictSchema):
 class _TasksSection(_StrictSchema):
     refresh_interval = fields.Float(validate=validate.Range(min=0))
     retention_hours = fields.Float(validate=validate.Range(min=0, min_inclusive=False))
+    record_retry_seconds = fields.Float(validate=validate.Range(min=0))
+    journal_path = fields.String(validate=validate.Length(min=1))
+    reconcile_interval = fields.Float(validate=validate.Range(min=0))
+    reconcile_queries_per_second = fields.Float(
+        validate=validate.Range(min=0, min_inclusive=False, max=20)
+    )
+    adoption_window_seconds = fields.Float(validate=validate.Range(min=1))
 
 
 class _DatabaseSection(_StrictSchema):

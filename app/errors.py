@@ -6,10 +6,11 @@ import json
 import logging
 from typing import Any
 
-from flask import Blueprint, Response, g
+from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from app.channels import AllChannelsFailed, NoUsableChannel
+from app.submitting import WriteAheadFailed
 from app.upstream import UpstreamError, UpstreamTimeout
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,26 @@ def handle_upstream_error(error: UpstreamError) -> Response:
     log.warning("upstream call failed: %s", error, extra={"channel": error.channel})
     g.channel = error.channel
     if isinstance(error, UpstreamTimeout):
-        return error_response(504, "RequestTimeOut", "The upstream service did not answer in time.")
-    return error_response(503, "ServiceUnavailable", "The upstream service is unavailable.")
+        response = error_response(
+            504, "RequestTimeOut", "The upstream service did not answer in time."
+        )
+    else:
+        response = error_response(503, "ServiceUnavailable", "The upstream service is unavailable.")
+    if request.method == "POST" and not error.nothing_created:
+        # DashScope may have acted on it (a submit created, and bills, a video): a client that
+        # resends would pay twice. The gateway finds the task and records it for the account.
+        response.headers["x-should-retry"] = "false"
+    return response
+
+
+@bp.app_errorhandler(WriteAheadFailed)
+def handle_write_ahead_failed(_error: WriteAheadFailed) -> Response:
+    """Tell the client its submit was not sent, because it could not be recorded first."""
+    return error_response(
+        503,
+        "ServiceUnavailable",
+        "The gateway cannot record submits right now; nothing was sent, try again later.",
+    )
 
 
 @bp.app_errorhandler(Exception)

@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 from app.caches import SharedCache
 from app.channels import ChannelPool
 from app.config import Settings
+from app.journal import Journal
 from app.store import Caller, Task
 from app.turns import Turns
 from app.upstream import DashScopeClient
@@ -29,6 +30,8 @@ class Gateway:
     final_tasks: SharedCache[str, Task]
     # Which of the worker's requests work now: DashScope's routes take turns (app/turns.py).
     turns: Turns
+    # Accepted tasks the database refused, until the reconciler replays them.
+    journal: Journal
 
 
 def current_gateway() -> Gateway:

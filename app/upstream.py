@@ -10,6 +10,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
+from urllib.parse import urlencode
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -41,6 +42,7 @@ OPERATIONS: dict[str, tuple[str, dict[str, str]]] = {
     "submit": ("POST", {"Content-Type": "application/json", "X-DashScope-Async": "enable"}),
     "query": ("GET", {}),
     "cancel": ("POST", {}),
+    "list": ("GET", {}),
 }
 # Task paths (under /api/v1/), logged as templates so that one log field and one label group
 # every task.
@@ -273,6 +275,13 @@ class DashScopeClient:
         submit_session, _ = self._sessions()  # no retries: cancel is not idempotent upstream
         call = _Call.of(channel, "cancel", path)
         return self._send(channel, submit_session, call, self._prepare(channel, "cancel", path))
+
+    def list_tasks(self, channel: Channel, params: Mapping[str, str]) -> UpstreamAnswer:
+        """List the tasks the channel's own key created (DashScope's `GET /tasks`)."""
+        _, query_session = self._sessions()
+        call = _Call.of(channel, "list", "tasks")
+        prepared = self._prepare(channel, "list", f"tasks?{urlencode(params)}")
+        return self._send(channel, query_session, call, prepared)
 
     def _prepare(
         self, channel: Channel, operation: str, path: str, body: bytes | None = None

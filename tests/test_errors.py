@@ -242,33 +242,3 @@ def test_an_unexpected_error_is_a_native_500_without_details(
     assert response.json["message"] == "An internal error occurred."
     assert "unhandled error" in caplog.text
     assert key not in caplog.text
-
-
-def test_a_task_created_upstream_but_not_recorded_is_logged_for_the_operator(
-    make_app: Any,
-    tmp_path: Path,
-    upstream: responses.RequestsMock,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    folder = tmp_path / "vanishing"
-    folder.mkdir()
-    app = make_app(GATEWAY_DATABASE_URL=f"sqlite:///{folder / 'db.sqlite3'}")
-    key = new_key(app)
-    client = app.test_client()
-    assert client.get("/alibailian/api/v1/tasks/t", headers=bearer(key)).status_code == 400
-    app.extensions["gateway"].engine.dispose()
-    shutil.rmtree(folder)  # the key is still cached; the task cannot be written
-    accepted = {"request_id": "up-1", "output": {"task_id": "t-lost", "task_status": "PENDING"}}
-    upstream.post(UPSTREAM_SUBMIT, json=accepted)
-
-    response = client.post(SUBMIT_PATH, json=GOOD_BODY, headers=bearer(key))
-
-    assert (response.status_code, response.json["code"]) == (500, "InternalError")
-    [record] = [
-        r for r in caplog.records if r.getMessage() == "task accepted upstream but not recorded"
-    ]
-    assert (record.task_id, record.channel, record.upstream_request_id) == (
-        "t-lost",
-        "primary",
-        "up-1",
-    )

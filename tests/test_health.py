@@ -74,7 +74,10 @@ def test_readyz_is_503_with_a_reason_when_the_database_is_unreachable(
     response = client.get("/readyz")
 
     assert response.status_code == 503
-    assert response.get_json() == {"status": "unavailable", "reason": "database: OperationalError"}
+    assert response.get_json() == {
+        "status": "unavailable",
+        "reason": "database cannot be written: OperationalError",
+    }
     assert response.headers["Content-Type"] == "application/json"
 
 

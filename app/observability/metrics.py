@@ -94,6 +94,38 @@ channel_cooldowns = Counter(
     ["channel", "reason"],
 )
 
+# Paid work: what the write-ahead submissions, the journal and the reconciler did.
+submissions_in_flight = prometheus_client.Gauge(
+    "bailian_gateway_submissions_in_flight",
+    "Submits written ahead and sent to DashScope whose answer has not come back yet.",
+    multiprocess_mode="livesum",
+)
+submissions_unresolved = prometheus_client.Gauge(
+    "bailian_gateway_submissions_unresolved",
+    "Submissions left in flight (no answer recorded) at the end of the last reconciler pass.",
+    multiprocess_mode="mostrecent",
+)
+journal_lines = Counter(
+    "bailian_gateway_journal_lines",
+    "Accepted tasks the database refused, by what happened: written to the journal, replayed.",
+    ["event"],
+)
+tasks_adopted = Counter(
+    "bailian_gateway_tasks_adopted",
+    "Tasks of submissions left in flight that the reconciler found upstream and recorded.",
+    ["channel"],
+)
+reconciler_passes = Counter(
+    "bailian_gateway_reconciler_passes",
+    "Reconciler passes, by outcome: ok, error, or skipped (another holds the lease).",
+    ["outcome"],
+)
+reconciler_errors = Counter(
+    "bailian_gateway_reconciler_errors",
+    "Steps of reconciler passes that failed, by step.",
+    ["step"],
+)
+
 
 def label_from(value: str | None, allowed: Collection[str]) -> str:
     """Return the value if it belongs to the allowed set, else `other`."""

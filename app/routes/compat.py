@@ -11,11 +11,10 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 from marshmallow import ValidationError
-from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from app import refresh
 from app.auth import authenticate
-from app.channels import submit_with_failover
 from app.config import Channel
 from app.errors import ApiError, model_not_found, task_not_exist
 from app.gateway import current_gateway
@@ -33,15 +32,13 @@ from app.store import (
     force_refresh,
     get_owned_task,
     list_owned_tasks,
-    record_answer,
-    record_task,
     utcnow,
 )
+from app.submitting import SubmitRequest, submit_paid
 from app.upstream import (
     FORWARDED_SUBMIT_HEADERS,
     UpstreamAnswer,
     UpstreamBrokenAnswer,
-    UpstreamError,
 )
 
 log = logging.getLogger(__name__)
@@ -74,18 +71,13 @@ def submit_video_synthesis(group: str) -> Response:
     body, model = load_submit_body()
     ensure_model_allowed(caller, model)
     gateway = current_gateway()
+    submit = SubmitRequest(
+        caller, model, f"services/aigc/{group}/video-synthesis", body, forwarded_headers()
+    )
+    # The upstream call and any wait on the database for its record: neither needs the CPU.
     with gateway.turns.set_aside():
-        channel, answer = submit_with_failover(
-            gateway.pool,
-            gateway.client,
-            model,
-            f"services/aigc/{group}/video-synthesis",
-            body,
-            forwarded_headers(),
-        )
+        channel, answer = submit_paid(gateway, submit)
     count_submit(channel, model, answer)
-    if answer.status == 200:
-        remember_task(caller, channel, model, answer)
     return native_response(answer)
 
 
@@ -193,38 +185,6 @@ def count_submit(channel: Channel, model: str, answer: UpstreamAnswer) -> None:
     metrics.submits.labels(metrics.label_from(model, offered), str(answer.status)).inc()
 
 
-def remember_task(caller: Caller, channel: Channel, model: str, answer: UpstreamAnswer) -> None:
-    """Record a task DashScope accepted, before the client hears of it."""
-    if answer.task_id is None:
-        raise UpstreamBrokenAnswer(channel.name, "submit answer carries no task id")
-    try:
-        record_task(
-            current_gateway().engine,
-            task_id=answer.task_id,
-            account_id=caller.account_id,
-            key_id=caller.key_id,
-            channel=channel.name,
-            model=model,
-            status=answer.task_status or "PENDING",
-            upstream_body=answer.body.decode(),
-            now=utcnow(),
-        )
-    except SQLAlchemyError:
-        # DashScope created (and bills) this task, and the client will not hear of it: an
-        # operator must be able to find it.
-        log.error(
-            "task accepted upstream but not recorded",
-            extra={
-                "task_id": answer.task_id,
-                "channel": channel.name,
-                "account": caller.account_name,
-                "upstream_request_id": answer.request_id,
-            },
-        )
-        raise
-    count_transition(metrics.NEW_TASK, answer.task_status or "PENDING")
-
-
 def retention_cutoff() -> datetime:
     """Return the submit time before which tasks are forgotten."""
     return utcnow() - timedelta(hours=current_gateway().settings.retention_hours)
@@ -261,54 +221,12 @@ def claim_due_refresh(task: Task) -> bool:
 def refresh_task(channel: Channel, task: Task) -> UpstreamAnswer | None:
     """Ask the task's own channel about it and store what changed; None if it did not answer."""
     gateway = current_gateway()
-    try:
-        with gateway.turns.set_aside():
-            answer = gateway.client.query_task(channel, task.task_id)
-    except UpstreamError as exc:
-        log.warning("task refresh failed, serving the last known status: %s", exc)
-        return None
-    g.upstream_status = answer.status
-    if answer.status != 200 or answer.task_status is None:
-        # A channel fault (throttled, key refused, 5xx) is not the client's: the last
-        # known status is the better answer.
-        log.warning(
-            "task refresh answered HTTP %s, serving the last known status",
-            answer.status,
-            extra={"channel": channel.name},
-        )
-        return None
-    if answer_changed(task, answer):
-        record_answer(
-            gateway.engine, task.task_id, answer.task_status, answer.body.decode(), utcnow()
-        )
-    if answer.task_status != task.status:
-        count_transition(task.status, answer.task_status)
-    metrics.task_queries.labels("upstream", "refreshed").inc()
+    with gateway.turns.set_aside():
+        answer = refresh.refresh_task(gateway, channel, task)
+    if answer is not None:
+        g.upstream_status = answer.status
+        metrics.task_queries.labels("upstream", "refreshed").inc()
     return answer
-
-
-def answer_changed(task: Task, answer: UpstreamAnswer) -> bool:
-    """Return whether the answer says more than the stored one (request ids aside)."""
-    # Most refreshes of a running task repeat the last answer; skipping those writes keeps
-    # the database free for the ones that matter.
-    return progress_of(task.upstream_body) != (answer.data.get("output"), answer.data.get("usage"))
-
-
-@lru_cache(maxsize=1024)
-def progress_of(upstream_body: str) -> tuple[Any, Any]:
-    """Return a stored answer's `output` and `usage`: what a refresh may change."""
-    # A running task's stored answer is compared with every refresh until it changes: it is
-    # decoded once, not on each of them (1% of a running task's query).
-    body = json.loads(upstream_body)
-    return body.get("output"), body.get("usage")
-
-
-def count_transition(before: str, after: str) -> None:
-    """Count a task status change the gateway recorded."""
-    metrics.task_transitions.labels(
-        before if before == metrics.NEW_TASK else metrics.task_status_label(before),
-        metrics.task_status_label(after),
-    ).inc()
 
 
 def load_list_query() -> dict[str, Any]:

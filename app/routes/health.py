@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+
 from flask import Blueprint, Response, jsonify
-from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.gateway import current_gateway
+from app.store import utcnow
+from app.store.leases import probe_write
 
 bp = Blueprint("health", __name__)
 
@@ -19,13 +22,16 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """Answer whether the database is reachable and channels are configured."""
+    """Answer whether the database takes writes and channels are configured."""
     gateway = current_gateway()
+    # The journal's backlog is worth knowing whatever else is true.
+    journal = {"journal_lines": lines} if (lines := gateway.journal.lines()) else {}
     try:
-        with gateway.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        # A submit writes before it is sent: a database that only reads serves no submit.
+        probe_write(gateway.engine, socket.gethostname(), utcnow())
     except SQLAlchemyError as exc:
-        return jsonify(status="unavailable", reason=f"database: {type(exc).__name__}"), 503
+        reason = f"database cannot be written: {type(exc).__name__}"
+        return jsonify(status="unavailable", reason=reason, **journal), 503
     if not gateway.settings.channels:
-        return jsonify(status="unavailable", reason="no channels configured"), 503
-    return jsonify(status="ok", channels=len(gateway.settings.channels)), 200
+        return jsonify(status="unavailable", reason="no channels configured", **journal), 503
+    return jsonify(status="ok", channels=len(gateway.settings.channels), **journal), 200

@@ -159,6 +159,9 @@ def open_engine(url: str, pool_size: int = 10, max_overflow: int = 10) -> Engine
         max_overflow=max_overflow,
         # A server can restart under a pool; a local file cannot go stale that way.
         pool_pre_ping=not is_sqlite,
+        # Error messages (and so log lines) name the statement, never the values bound to it:
+        # those are keys' hashes and DashScope's answers.
+        hide_parameters=True,
     )
     if is_sqlite:
         event.listen(engine, "connect", _tune_sqlite)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, bindparam, func, insert, select, update
+from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
 
 from app.store.engine import DirectRead, writing
-from app.store.tables import FINAL_STATUSES, tasks
+from app.store.tables import FINAL_STATUSES, submissions, task_archive, tasks
 
 
 @dataclass(frozen=True)
@@ -165,3 +166,74 @@ def list_owned_tasks(
         ).scalar_one()
         rows = conn.execute(page.offset(offset).limit(limit)).all()
     return int(total), [Task(*row) for row in rows]
+
+
+def due_for_refresh(
+    engine: Engine, now: datetime, interval: float, submitted_after: datetime, limit: int
+) -> list[Task]:
+    """Return running tasks whose last refresh is older than the interval, stalest first."""
+    query = (
+        select(tasks)
+        .where(
+            tasks.c.status.not_in(sorted(FINAL_STATUSES)),
+            tasks.c.refreshed_at <= now - timedelta(seconds=interval),
+            tasks.c.submitted_at > submitted_after,
+        )
+        .order_by(tasks.c.refreshed_at)
+        .limit(limit)
+    )
+    with engine.connect() as conn:
+        return [Task(*row) for row in conn.execute(query)]
+
+
+def archive_tasks(engine: Engine, submitted_before: datetime, now: datetime, limit: int) -> int:
+    """Move up to `limit` tasks submitted before a time out of the hot table; return how many.
+
+    What a usage report needs (owner, key, channel, model, final status, DashScope's `usage`)
+    is kept in task_archive; the answers themselves go.
+    """
+    with writing(engine) as conn:
+        rows = conn.execute(
+            select(tasks)
+            .where(tasks.c.submitted_at <= submitted_before)
+            .order_by(tasks.c.submitted_at)
+            .limit(limit)
+        ).all()
+        if not rows:
+            return 0
+        moved = [Task(*row) for row in rows]
+        conn.execute(
+            insert(task_archive),
+            [
+                {
+                    "task_id": task.task_id,
+                    "account_id": task.account_id,
+                    "key_id": task.key_id,
+                    "channel": task.channel,
+                    "model": task.model,
+                    "status": task.status,
+                    "usage": usage_of(task.upstream_body),
+                    "submitted_at": task.submitted_at,
+                    "finished_at": task.finished_at,
+                    "archived_at": now,
+                }
+                for task in moved
+            ],
+        )
+        conn.execute(delete(tasks).where(tasks.c.task_id.in_([task.task_id for task in moved])))
+        # Resolved submissions of the same age: their tasks' owners are in the archive now.
+        conn.execute(
+            delete(submissions).where(
+                submissions.c.sent_at <= submitted_before, submissions.c.state != "in_flight"
+            )
+        )
+    return len(moved)
+
+
+def usage_of(upstream_body: str) -> str | None:
+    """Return the `usage` object of a stored answer as JSON text, or None."""
+    try:
+        usage = json.loads(upstream_body).get("usage")
+    except (ValueError, AttributeError):
+        return None
+    return json.dumps(usage) if isinstance(usage, dict) else None

@@ -1,0 +1,191 @@
+"""A submit as paid work: written ahead, sent, and recorded whatever the database does."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from app.channels import AllChannelsFailed, submit_with_failover
+from app.config import Channel
+from app.gateway import Gateway
+from app.observability import metrics
+from app.store import Caller, utcnow
+from app.store.submissions import (
+    AcceptedTask,
+    mark_not_created,
+    move_to_channel,
+    record_accepted,
+    write_ahead,
+)
+from app.upstream import UpstreamAnswer, UpstreamBrokenAnswer, UpstreamError
+
+log = logging.getLogger(__name__)
+
+
+class WriteAheadFailed(Exception):
+    """The submission could not be written ahead, so nothing was sent to DashScope."""
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """A client's submit: who sends it, for which model, to which service path, what body."""
+
+    caller: Caller
+    model: str
+    service_path: str
+    body: bytes
+    headers: Mapping[str, str]
+
+
+def submit_paid(gateway: Gateway, request: SubmitRequest) -> tuple[Channel, UpstreamAnswer]:
+    """Send a submit written ahead, and record the task it created, before answering."""
+    submission = _Submission(gateway, request)
+    metrics.submissions_in_flight.inc()
+    try:
+        channel, answer = submit_with_failover(
+            gateway.pool,
+            gateway.client,
+            request.model,
+            request.service_path,
+            request.body,
+            request.headers,
+            before_send=submission.before_send,
+        )
+    except UpstreamError:
+        # The submit may have created a task: the row stays in flight, and the reconciler
+        # finds the task in the channel's listing.
+        raise
+    except (AllChannelsFailed, WriteAheadFailed):
+        submission.created_nothing()  # no channel tried created anything
+        raise
+    finally:
+        metrics.submissions_in_flight.dec()
+    if answer.status != 200:
+        submission.created_nothing()
+    elif answer.task_id is None:
+        raise UpstreamBrokenAnswer(channel.name, "submit answer carries no task id")
+    else:
+        submission.accepted(channel, answer.task_id, answer)
+    return channel, answer
+
+
+class _Submission:
+    """One submit's row: written before the first attempt, moved on failover, resolved after."""
+
+    def __init__(self, gateway: Gateway, request: SubmitRequest) -> None:
+        self.gateway = gateway
+        self.request = request
+        self.id: int | None = None
+
+    def before_send(self, channel: Channel) -> None:
+        """Write the submission (or its new channel) durably before the channel is called."""
+        engine, now = self.gateway.engine, utcnow()
+        try:
+            if self.id is None:
+                self.id = _once_more_if_disconnected(
+                    lambda: write_ahead(
+                        engine,
+                        account_id=self.request.caller.account_id,
+                        key_id=self.request.caller.key_id,
+                        model=self.request.model,
+                        channel=channel.name,
+                        service_path=self.request.service_path,
+                        body_sha256=hashlib.sha256(self.request.body).hexdigest(),
+                        now=now,
+                    )
+                )
+            else:
+                move_to_channel(engine, self.id, channel.name, now)
+        except SQLAlchemyError as exc:
+            log.error(
+                "submission not written ahead, nothing sent: %s",
+                type(exc).__name__,
+                extra={"channel": channel.name},
+            )
+            raise WriteAheadFailed() from None
+
+    def created_nothing(self) -> None:
+        """Resolve the submission as one that created no task, if the database lets us."""
+        if self.id is None:
+            return
+        try:
+            mark_not_created(self.gateway.engine, self.id, utcnow(), by="answer")
+        except SQLAlchemyError as exc:
+            # Harmless: the reconciler finds nothing in the channel's listing and says so.
+            log.warning("submission outcome not recorded: %s", type(exc).__name__)
+
+    def accepted(self, channel: Channel, task_id: str, answer: UpstreamAnswer) -> None:
+        """Record the task on the submission, retrying the database, else journal it."""
+        if self.id is None:
+            raise RuntimeError("a submit was sent without its submission")
+        accepted = AcceptedTask(
+            submission_id=self.id,
+            task_id=task_id,
+            status=answer.task_status or "PENDING",
+            upstream_body=answer.body.decode(),
+            accepted_at=utcnow(),
+        )
+        try:
+            for attempt in Retrying(
+                retry=retry_if_exception(is_transient),
+                stop=stop_after_delay(self.gateway.settings.record_retry_seconds),
+                wait=wait_exponential_jitter(multiplier=0.05, max=2.0),
+                reraise=True,
+            ):
+                with attempt:
+                    record_accepted(self.gateway.engine, accepted, by="answer")
+        except SQLAlchemyError as exc:
+            self._journal(accepted, channel, type(exc).__name__)
+            return
+        metrics.task_transitions.labels(
+            metrics.NEW_TASK, metrics.task_status_label(accepted.status)
+        ).inc()
+
+    def _journal(self, accepted: AcceptedTask, channel: Channel, cause: str) -> None:
+        entry = {
+            **asdict(accepted),
+            "accepted_at": accepted.accepted_at.isoformat(),
+            "account_id": self.request.caller.account_id,
+            "key_id": self.request.caller.key_id,
+            "channel": channel.name,
+            "model": self.request.model,
+        }
+        where = {"task_id": accepted.task_id, "channel": channel.name}
+        try:
+            self.gateway.journal.append(entry)
+        except OSError as exc:
+            # The submission row is in flight still: the reconciler adopts the task from the
+            # channel's listing. The client keeps its answer either way.
+            log.error(
+                "task neither recorded nor journaled: %s, %s", cause, exc.strerror, extra=where
+            )
+            return
+        metrics.journal_lines.labels("written").inc()
+        log.warning("task journaled", extra={**where, "cause": cause})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Return whether a database error may pass by itself: busy, locked, disconnected."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
+def _once_more_if_disconnected(write: Callable[[], int]) -> int:
+    """Run a write, and once more if the pool's connection had been lost under it."""
+    try:
+        return write()
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+    return write()
