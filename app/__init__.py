@@ -25,9 +25,12 @@ KEY_CACHE_SIZE = 50_000
 
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     """Build the gateway application; `overrides` replaces environment variables (tests)."""
-    app = Flask(__name__, instance_relative_config=True)
+    environ = {**os.environ, **(overrides or {})}
+    # The instance folder holds the default SQLite database and the journal.
+    instance_path = environ.get("GATEWAY_INSTANCE_PATH") or None
+    app = Flask(__name__, instance_path=instance_path, instance_relative_config=True)
     app.session_interface = NoCookieSessions()
-    register_gateway(app, {**os.environ, **(overrides or {})})
+    register_gateway(app, environ)
     register_observability(app)
     register_blueprints(app)
     register_reconciler(app)

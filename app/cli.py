@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 from flask import Flask, current_app
-from flask.cli import AppGroup, FlaskGroup
+from flask.cli import AppGroup, FlaskGroup, with_appcontext
 
 from app.gateway import current_gateway
 from app.store import create_key, list_keys, revoke_key
@@ -47,6 +47,7 @@ def list_keys_command() -> None:
 
 
 @click.command("reconcile")
+@with_appcontext
 def reconcile_command() -> None:
     """Run one reconciler pass (journal, submissions in flight, running tasks, retention)."""
     from app.reconcile import iter_lines

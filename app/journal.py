@@ -20,6 +20,7 @@ class Journal:
         # A replay works on a file of its own, so writers never wait on the database.
         self.replaying_path = f"{path}.replaying"
         self._replay_lock_path = f"{path}.lock"
+        self.rejected_path = f"{path}.rejected"
 
     def append(self, entry: Entry) -> None:
         """Write one entry durably: flushed and fsynced before this returns."""
@@ -37,6 +38,11 @@ class Journal:
                     return
             finally:
                 os.close(fd)
+
+    def reject(self, entry: Entry) -> None:
+        """Keep an entry that cannot be replayed in a file of its own, for an operator."""
+        with open(self.rejected_path, "a") as rejected:
+            rejected.write(json.dumps(entry) + "\n")
 
     def lines(self) -> int:
         """Return how many entries wait to be replayed."""

@@ -157,13 +157,19 @@ class Reconciler:
         """Record every journaled task in the database, each once however often replayed."""
 
         def apply(entry: Entry) -> None:
-            accepted = AcceptedTask(
-                submission_id=int(entry["submission_id"]),
-                task_id=str(entry["task_id"]),
-                status=str(entry["status"]),
-                upstream_body=str(entry["upstream_body"]),
-                accepted_at=datetime.fromisoformat(entry["accepted_at"]),
-            )
+            try:
+                accepted = AcceptedTask(
+                    submission_id=int(entry["submission_id"]),
+                    task_id=str(entry["task_id"]),
+                    status=str(entry["status"]),
+                    upstream_body=str(entry["upstream_body"]),
+                    accepted_at=datetime.fromisoformat(entry["accepted_at"]),
+                )
+            except (KeyError, TypeError, ValueError):
+                # Not a line the gateway wrote: kept aside for an operator, never retried.
+                self.gateway.journal.reject(entry)
+                self._event(report, "journal line rejected", logging.ERROR)
+                return
             try:
                 record_accepted(self.gateway.engine, accepted, by="journal")
             except LookupError:

@@ -103,6 +103,7 @@ def make_app(
             {
                 "GATEWAY_CONFIG": write_config(config_text),
                 "GATEWAY_DATABASE_URL": database_url,
+                "GATEWAY_INSTANCE_PATH": str(tmp_path / "instance"),
                 "PRIMARY_UPSTREAM_KEY": PRIMARY_UPSTREAM_KEY,
                 "INTL_UPSTREAM_KEY": INTL_UPSTREAM_KEY,
                 **environ,

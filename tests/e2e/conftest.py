@@ -265,6 +265,8 @@ def _config_text(simulator_url: str, closed_port: int) -> str:
 
         [tasks]
         refresh_interval = 0
+        # Tests count the calls that reach the simulator: no background passes here.
+        reconcile_interval = 0
 
         [[channels]]
         name = "sim"
@@ -452,6 +454,8 @@ def start_gateway(
         **CHANNEL_ENV,
         "GATEWAY_CONFIG": str(config_path),
         "GATEWAY_DATABASE_URL": database_url,
+        # The journal (and a default SQLite file) of this gateway, shared with its CLI only.
+        "GATEWAY_INSTANCE_PATH": str(workdir / "instance"),
         "PYTHONUNBUFFERED": "1",
     }
     server_env = {

@@ -72,6 +72,7 @@ def serve(
 
         [tasks]
         refresh_interval = 0
+        reconcile_interval = 0
 
         [[channels]]
         name = "sim"

@@ -56,6 +56,7 @@ def twins(
         f"""
         [tasks]
         refresh_interval = {REFRESH_INTERVAL}
+        reconcile_interval = 0
 
         [[channels]]
         name = "sim"
