@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,17 @@ KF2V = "/api/v1/services/aigc/image2video/video-synthesis"
 KEY = "sk-good"
 OTHER_KEY = "sk-other"
 REPO_ROOT = Path(__file__).resolve().parents[1]
+BEIJING = timezone(timedelta(hours=8))
+LIST_ITEM_FIELDS = {
+    "task_id",
+    "status",
+    "model_name",
+    "gmt_create",
+    "end_time",
+    "api_key_id",
+    "request_id",
+    "region",
+}
 
 
 def headers(key: str | None = KEY, async_: str | None = "enable") -> dict[str, str]:
@@ -52,6 +64,16 @@ def submit(client: FlaskClient, **kwargs: Any) -> str:
     resp = client.post(T2V, json=body(**kwargs), headers=headers())
     assert resp.status_code == 200, resp.json
     return resp.json["output"]["task_id"]
+
+
+def list_tasks(client: FlaskClient, key: str = KEY, **params: Any) -> Any:
+    """List tasks with a key and return the answer."""
+    return client.get("/api/v1/tasks", query_string=params, headers=headers(key, async_=None))
+
+
+def beijing(moment: datetime) -> str:
+    """Format a moment as a task-list time filter: YYYYMMDDhhmmss in Beijing time."""
+    return moment.astimezone(BEIJING).strftime("%Y%m%d%H%M%S")
 
 
 def assert_error(resp: Any, status: int, code: str, message: str | None = None) -> None:
@@ -342,6 +364,8 @@ def test_runs_as_a_process() -> None:
         resp = requests.get(f"{base}/api/v1/tasks/{task_id}", headers=headers(), timeout=5)
         assert resp.json()["output"]["task_status"] == "SUCCEEDED"
         assert resp.json()["output"]["video_url"].startswith(f"{base}/videos/{task_id}.mp4")
+        listed = requests.get(f"{base}/api/v1/tasks", headers=headers(), timeout=5).json()
+        assert [(i["task_id"], i["status"]) for i in listed["data"]] == [(task_id, "SUCCEEDED")]
     finally:
         proc.terminate()
         try:
@@ -351,3 +375,172 @@ def test_runs_as_a_process() -> None:
             proc.wait()
         proc.stdout.close()
     assert proc.returncode == 0
+
+
+def test_list_is_scoped_to_the_key_newest_first() -> None:
+    client = create_simulator({"keys": [KEY, OTHER_KEY], "pending_seconds": 5}).test_client()
+    before = time.time()
+    submits = []
+    for n in range(3):
+        resp = client.post(T2V, json=body(f"mine {n}"), headers=headers())
+        submits.append(resp.json)
+    client.post(T2V, json=body("theirs"), headers=headers(OTHER_KEY))
+
+    resp = list_tasks(client)
+    assert resp.status_code == 200
+    assert resp.mimetype == "application/json"
+    answer = resp.json
+    assert set(answer) == {"request_id", "total", "total_page", "page_no", "page_size", "data"}
+    assert (answer["total"], answer["total_page"], answer["page_no"], answer["page_size"]) == (
+        3,
+        1,
+        1,
+        10,
+    )
+    newest_first = [s["output"]["task_id"] for s in reversed(submits)]
+    assert [item["task_id"] for item in answer["data"]] == newest_first
+    for item, submitted in zip(answer["data"], reversed(submits), strict=True):
+        assert set(item) == LIST_ITEM_FIELDS
+        assert item["status"] == "PENDING"
+        assert item["model_name"] == "wan2.5-t2v-preview"
+        assert isinstance(item["gmt_create"], int)
+        assert before * 1000 - 1 <= item["gmt_create"] <= time.time() * 1000
+        assert item["end_time"] is None
+        assert isinstance(item["api_key_id"], str)
+        assert item["request_id"] == submitted["request_id"]
+        assert item["region"] == "cn-beijing"
+    assert len({item["api_key_id"] for item in answer["data"]}) == 1
+
+    theirs = list_tasks(client, OTHER_KEY).json
+    assert theirs["total"] == 1
+    assert theirs["data"][0]["api_key_id"] != answer["data"][0]["api_key_id"]
+    assert theirs["data"][0]["task_id"] not in newest_first
+
+
+def test_list_shows_end_time_of_finished_tasks(client: FlaskClient) -> None:
+    task_id = submit(client)
+    time.sleep(0.15)
+    item = list_tasks(client).json["data"][0]
+    assert (item["task_id"], item["status"]) == (task_id, "SUCCEEDED")
+    assert isinstance(item["end_time"], int)
+    # The fixture's task is PENDING 50 ms, then RUNNING 50 ms.
+    assert item["end_time"] - item["gmt_create"] in (99, 100, 101)
+
+
+def test_list_filters_by_model_and_status() -> None:
+    client = create_simulator({"pending_seconds": 5}).test_client()
+    t2v = submit(client)
+    kf2v = client.post(KF2V, json={"model": "wan2.2-kf2v-flash", "input": {}}, headers=headers())
+    kf2v_id = kf2v.json["output"]["task_id"]
+    client.post(f"/api/v1/tasks/{t2v}/cancel", headers=headers())
+
+    by_model = list_tasks(client, model_name="wan2.2-kf2v-flash").json
+    assert [item["task_id"] for item in by_model["data"]] == [kf2v_id]
+    assert by_model["total"] == 1
+    assert list_tasks(client, model_name="wan-nothing").json["total"] == 0
+
+    canceled = list_tasks(client, status="CANCELED").json
+    assert [(item["task_id"], item["status"]) for item in canceled["data"]] == [(t2v, "CANCELED")]
+    assert isinstance(canceled["data"][0]["end_time"], int)
+    assert [item["task_id"] for item in list_tasks(client, status="PENDING").json["data"]] == [
+        kf2v_id
+    ]
+    for status in ("RUNNING", "SUSPENDED", "SUCCEEDED", "FAILED"):
+        answer = list_tasks(client, status=status).json
+        assert (answer["total"], answer["total_page"], answer["data"]) == (0, 0, [])
+    both = list_tasks(client, status="PENDING", model_name="wan2.5-t2v-preview").json
+    assert both["total"] == 0
+
+
+def test_list_status_follows_the_clock(client: FlaskClient) -> None:
+    ok = submit(client)
+    failed = submit(client, prompt="doomed [fail]")
+    time.sleep(0.15)
+    assert [item["task_id"] for item in list_tasks(client, status="SUCCEEDED").json["data"]] == [ok]
+    assert [item["task_id"] for item in list_tasks(client, status="FAILED").json["data"]] == [
+        failed
+    ]
+
+
+def test_list_time_window_is_beijing_time(client: FlaskClient) -> None:
+    task_id = submit(client)
+    now = datetime.now(UTC)
+    around = {"start_time": beijing(now - timedelta(minutes=1)), "end_time": beijing(now)}
+    assert [item["task_id"] for item in list_tasks(client, **around).json["data"]] == [task_id]
+    # The same wall-clock digits read as UTC would be eight hours off: nothing is listed.
+    as_utc = {
+        "start_time": (now - timedelta(minutes=1)).strftime("%Y%m%d%H%M%S"),
+        "end_time": now.strftime("%Y%m%d%H%M%S"),
+    }
+    assert list_tasks(client, **as_utc).json["total"] == 0
+    assert list_tasks(client, start_time=beijing(now + timedelta(minutes=1))).json["total"] == 0
+    assert list_tasks(client, end_time=beijing(now - timedelta(minutes=1))).json["total"] == 0
+    assert list_tasks(client, start_time=beijing(now - timedelta(days=3))).json["total"] == 1
+    day = {"start_time": beijing(now - timedelta(hours=24)), "end_time": beijing(now)}
+    assert list_tasks(client, **day).json["total"] == 1
+
+
+def test_list_pages(client: FlaskClient) -> None:
+    ids = [submit(client, prompt=f"task {n}") for n in range(5)]
+    pages = [list_tasks(client, page_no=n, page_size=2).json for n in (1, 2, 3, 4)]
+    for n, page in enumerate(pages, start=1):
+        assert (page["total"], page["total_page"], page["page_no"], page["page_size"]) == (
+            5,
+            3,
+            n,
+            2,
+        )
+    assert [len(page["data"]) for page in pages] == [2, 2, 1, 0]
+    listed = [item["task_id"] for page in pages for item in page["data"]]
+    assert listed == list(reversed(ids))
+    assert list_tasks(client, page_size=100).json["total_page"] == 1
+    assert list_tasks(client, page_size=5).json["total_page"] == 1
+
+
+def test_list_of_nothing(client: FlaskClient) -> None:
+    answer = list_tasks(client).json
+    assert answer["request_id"]
+    assert {k: v for k, v in answer.items() if k != "request_id"} == {
+        "total": 0,
+        "total_page": 0,
+        "page_no": 1,
+        "page_size": 10,
+        "data": [],
+    }
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"page_no": "0"},
+        {"page_no": "abc"},
+        {"page_no": "-1"},
+        {"page_no": ""},
+        {"page_size": "0"},
+        {"page_size": "101"},
+        {"page_size": "2.5"},
+        {"status": "UNKNOWN"},
+        {"status": "succeeded"},
+        {"start_time": "2025-01-01"},
+        {"start_time": "20251301000000"},
+        {"end_time": "2025010100000"},
+        {"start_time": "20250102000000", "end_time": "20250101000000"},
+        {"start_time": "20250101000000", "end_time": "20250102000001"},
+    ],
+)
+def test_list_bad_params(client: FlaskClient, params: dict[str, str]) -> None:
+    assert_error(list_tasks(client, **params), 400, "InvalidParameter")
+
+
+def test_list_window_of_exactly_a_day_is_allowed(client: FlaskClient) -> None:
+    resp = list_tasks(client, start_time="20250101000000", end_time="20250102000000")
+    assert resp.status_code == 200
+    assert resp.json["total"] == 0
+
+
+def test_list_requires_auth(client: FlaskClient) -> None:
+    submit(client)
+    assert_error(list_tasks(client, key=None), 401, "InvalidApiKey", "No API-key provided.")
+    assert_error(
+        list_tasks(client, key="sk-nope"), 401, "InvalidApiKey", "Invalid API-key provided."
+    )
