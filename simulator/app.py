@@ -78,6 +78,7 @@ class State:
     cancels: int = 0
     lists: int = 0
     queries_by_task: Counter[str] = field(default_factory=Counter)
+    submits_by_prompt: Counter[str] = field(default_factory=Counter)
     last_submit: dict[str, Any] | None = None
 
     def reset(self) -> None:
@@ -86,6 +87,7 @@ class State:
             self.tasks.clear()
             self.requests_total = self.submits = self.queries = self.cancels = self.lists = 0
             self.queries_by_task.clear()
+            self.submits_by_prompt.clear()
             self.last_submit = None
 
 
@@ -263,6 +265,7 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
         )
         with state.lock:
             state.tasks[task.task_id] = task
+            state.submits_by_prompt[prompt] += 1
         return jsonify(
             request_id=task.request_id,
             output={"task_id": task.task_id, "task_status": "PENDING"},
@@ -433,6 +436,18 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
                 queries_by_task=dict(state.queries_by_task),
                 tasks=len(state.tasks),
                 last_submit=state.last_submit,
+                # Enough to prove every created task has an owner and none was created twice.
+                task_list=[
+                    {
+                        "task_id": task.task_id,
+                        "owner_hint": task.owner[-6:],
+                        "model": task.model,
+                        "prompt": task.prompt,
+                        "created": task.created,
+                    }
+                    for task in state.tasks.values()
+                ],
+                submits_by_prompt=dict(state.submits_by_prompt),
             )
 
     @app.post("/_sim/reset")

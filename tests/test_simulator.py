@@ -544,3 +544,35 @@ def test_list_requires_auth(client: FlaskClient) -> None:
     assert_error(
         list_tasks(client, key="sk-nope"), 401, "InvalidApiKey", "Invalid API-key provided."
     )
+
+
+def test_stats_list_tasks_and_submits_by_prompt() -> None:
+    client = create_simulator().test_client()
+    long_key = "sk-0123456789abcdef"
+    before = time.time()
+    first = client.post(T2V, json=body("same"), headers=headers(long_key)).json
+    client.post(T2V, json=body("same"), headers=headers(KEY))
+    client.post(KF2V, json={"model": "wan2.2-kf2v-flash", "input": {}}, headers=headers())
+    client.post(T2V, json=body("refused [moderate]"), headers=headers())
+    client.post(T2V, json=body("same"), headers=headers(key=None))
+
+    stats = client.get("/_sim/stats").json
+    assert stats["submits"] == 5
+    assert stats["tasks"] == 3
+    assert stats["submits_by_prompt"] == {"same": 2, "": 1}
+    task_list = stats["task_list"]
+    assert [set(entry) for entry in task_list] == [
+        {"task_id", "owner_hint", "model", "prompt", "created"}
+    ] * 3
+    assert [(e["owner_hint"], e["model"], e["prompt"]) for e in task_list] == [
+        ("abcdef", "wan2.5-t2v-preview", "same"),
+        ("k-good", "wan2.5-t2v-preview", "same"),
+        ("k-good", "wan2.2-kf2v-flash", ""),
+    ]
+    assert task_list[0]["task_id"] == first["output"]["task_id"]
+    assert len({e["task_id"] for e in task_list}) == 3
+    assert before <= task_list[0]["created"] <= task_list[1]["created"] <= time.time()
+
+    client.post("/_sim/reset")
+    stats = client.get("/_sim/stats").json
+    assert (stats["task_list"], stats["submits_by_prompt"]) == ([], {})
