@@ -34,6 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--latency-ms", type=float, default=float(env("SIMULATOR_LATENCY_MS", "0")))
     parser.add_argument(
+        "--answer-after",
+        type=float,
+        default=float(env("SIMULATOR_ANSWER_AFTER_SECONDS", "0")),
+        metavar="SECONDS",
+        help="delay every submit's answer after its task is created (default %(default)s)",
+    )
+    parser.add_argument(
         "--access-log",
         action="store_true",
         default=env("SIMULATOR_ACCESS_LOG", "") not in ("", "0"),
@@ -51,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             "pending_seconds": args.pending_seconds,
             "running_seconds": args.running_seconds,
             "latency_ms": args.latency_ms,
+            "answer_after_seconds": args.answer_after,
         }
     )
     if not args.access_log:

@@ -21,6 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "pending_seconds": 0.5,
     "running_seconds": 1.0,
     "latency_ms": 0,
+    "answer_after_seconds": 0,
 }
 
 SUBMIT_PATHS = (
@@ -28,7 +29,9 @@ SUBMIT_PATHS = (
     "/api/v1/services/aigc/image2video/video-synthesis",
 )
 
-SLEEP_MARKER = re.compile(r"\[sleep=(\d+(?:\.\d*)?|\.\d+)\]")
+SECONDS = r"(\d+(?:\.\d*)?|\.\d+)"
+SLEEP_MARKER = re.compile(rf"\[sleep={SECONDS}\]")
+ANSWER_AFTER_MARKER = re.compile(rf"\[answer-after={SECONDS}\]")
 
 # The task list's filters, as DashScope's console takes them: Beijing time, at most a day.
 LIST_STATUSES = ("PENDING", "RUNNING", "SUSPENDED", "SUCCEEDED", "FAILED", "CANCELED")
@@ -153,6 +156,7 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
     pending = float(cfg["pending_seconds"])
     running = float(cfg["running_seconds"])
     latency = float(cfg["latency_ms"]) / 1000.0
+    answer_after = float(cfg["answer_after_seconds"])
     state = State()
 
     app = Flask(__name__)
@@ -266,6 +270,12 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
         with state.lock:
             state.tasks[task.task_id] = task
             state.submits_by_prompt[prompt] += 1
+        # Sleeping after the task is stored models an answer lost in transit: the task exists
+        # upstream (and bills) although the client may never learn its id.
+        match = ANSWER_AFTER_MARKER.search(prompt)
+        delay = float(match.group(1)) if match else answer_after
+        if delay > 0:
+            time.sleep(delay)
         return jsonify(
             request_id=task.request_id,
             output={"task_id": task.task_id, "task_status": "PENDING"},

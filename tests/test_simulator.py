@@ -16,6 +16,7 @@ import requests
 from flask.testing import FlaskClient
 
 from simulator import create_simulator
+from simulator.__main__ import parse_args
 
 T2V = "/api/v1/services/aigc/video-generation/video-synthesis"
 KF2V = "/api/v1/services/aigc/image2video/video-synthesis"
@@ -343,6 +344,8 @@ def test_runs_as_a_process() -> None:
             "0.05",
             "--running-seconds",
             "0.05",
+            "--answer-after",
+            "0.2",
         ],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
@@ -357,7 +360,9 @@ def test_runs_as_a_process() -> None:
         base = line.removeprefix("simulator listening on ")
         assert not base.endswith(":0")
 
+        started = time.monotonic()
         resp = requests.post(base + T2V, json=body(), headers=headers(), timeout=5)
+        assert time.monotonic() - started >= 0.2
         assert resp.status_code == 200
         task_id = resp.json()["output"]["task_id"]
         time.sleep(0.15)
@@ -544,6 +549,76 @@ def test_list_requires_auth(client: FlaskClient) -> None:
     assert_error(
         list_tasks(client, key="sk-nope"), 401, "InvalidApiKey", "Invalid API-key provided."
     )
+
+
+def wait_for(condition: Any, timeout: float = 5) -> None:
+    """Poll until condition() is true or fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_answer_after_marker_stores_the_task_before_answering(client: FlaskClient) -> None:
+    app = client.application
+    answers: queue.Queue[Any] = queue.Queue()
+
+    def slow_submit() -> None:
+        started = time.monotonic()
+        resp = app.test_client().post(T2V, json=body("late [answer-after=1]"), headers=headers())
+        answers.put((resp, time.monotonic() - started))
+
+    thread = threading.Thread(target=slow_submit)
+    thread.start()
+    try:
+        wait_for(lambda: client.get("/_sim/stats").json["tasks"] == 1)
+        # The task is visible upstream while its submit has not been answered yet.
+        listed = list_tasks(client).json["data"]
+        assert answers.empty()
+        assert len(listed) == 1
+        query = client.get(f"/api/v1/tasks/{listed[0]['task_id']}", headers=headers())
+        assert query.json["output"]["task_status"] != "UNKNOWN"
+    finally:
+        thread.join(timeout=5)
+    resp, elapsed = answers.get_nowait()
+    assert resp.status_code == 200
+    assert elapsed >= 1
+    assert resp.json["output"]["task_id"] == listed[0]["task_id"]
+    assert resp.json["request_id"] == listed[0]["request_id"]
+
+
+def test_sleep_marker_creates_the_task_after_sleeping(client: FlaskClient) -> None:
+    app = client.application
+    thread = threading.Thread(
+        target=lambda: app.test_client().post(T2V, json=body("slow [sleep=0.5]"), headers=headers())
+    )
+    thread.start()
+    try:
+        wait_for(lambda: client.get("/_sim/stats").json["submits"] == 1)
+        assert client.get("/_sim/stats").json["tasks"] == 0
+        assert list_tasks(client).json["total"] == 0
+    finally:
+        thread.join(timeout=5)
+    assert client.get("/_sim/stats").json["tasks"] == 1
+
+
+def test_answer_after_option_delays_every_submit() -> None:
+    client = create_simulator({"answer_after_seconds": 0.3}).test_client()
+    started = time.time()
+    submit(client)
+    answered = time.time()
+    assert answered - started >= 0.3
+    created = client.get("/_sim/stats").json["task_list"][0]["created"]
+    assert created <= answered - 0.3
+    # A marker sets this submit's delay, zero included.
+    started = time.monotonic()
+    submit(client, prompt="quick [answer-after=0]")
+    assert time.monotonic() - started < 0.3
+
+
+def test_answer_after_flag() -> None:
+    assert parse_args([]).answer_after == 0
+    assert parse_args(["--answer-after", "1.5"]).answer_after == 1.5
 
 
 def test_stats_list_tasks_and_submits_by_prompt() -> None:
