@@ -14,11 +14,30 @@ from werkzeug.serving import make_server
 
 from simulator.app import create_simulator
 
+EPILOG = """\
+prompt markers (anywhere in input.prompt of a submit; docs/simulator.md has the details):
+  [sleep=N]         sleep N seconds BEFORE creating the task (the client may give up first)
+  [answer-after=N]  create and store the task, THEN sleep N seconds before answering
+                    (overrides --answer-after for this submit)
+  [moderate]        400 DataInspectionFailed, no task
+  [throttle]        429 Throttling.RateQuota, no task
+  [error500]        500 InternalError, no task
+  [fail]            the task ends FAILED (InternalError.Algo) instead of SUCCEEDED
+
+test-only routes: GET /_sim/stats (counters, task_list, submits_by_prompt, last_submit),
+POST /_sim/reset (forget every task and counter)
+"""
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse command-line flags, falling back to SIMULATOR_* environment variables."""
     env = os.environ.get
-    parser = argparse.ArgumentParser(prog="python -m simulator", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m simulator",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--host", default=env("SIMULATOR_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(env("SIMULATOR_PORT", "8001")))
     parser.add_argument(
@@ -27,12 +46,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated accepted API keys; empty accepts any bearer token",
     )
     parser.add_argument(
-        "--pending-seconds", type=float, default=float(env("SIMULATOR_PENDING_SECONDS", "0.5"))
+        "--pending-seconds",
+        type=float,
+        default=float(env("SIMULATOR_PENDING_SECONDS", "0.5")),
+        help="how long a new task stays PENDING (default %(default)s)",
     )
     parser.add_argument(
-        "--running-seconds", type=float, default=float(env("SIMULATOR_RUNNING_SECONDS", "1.0"))
+        "--running-seconds",
+        type=float,
+        default=float(env("SIMULATOR_RUNNING_SECONDS", "1.0")),
+        help="how long a task then stays RUNNING before it ends (default %(default)s)",
     )
-    parser.add_argument("--latency-ms", type=float, default=float(env("SIMULATOR_LATENCY_MS", "0")))
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=float(env("SIMULATOR_LATENCY_MS", "0")),
+        help="delay added to every /api/v1 request, before it is handled (default %(default)s)",
+    )
+    parser.add_argument(
+        "--answer-after",
+        type=float,
+        default=float(env("SIMULATOR_ANSWER_AFTER_SECONDS", "0")),
+        metavar="SECONDS",
+        help="delay every submit's answer after its task is created (default %(default)s)",
+    )
     parser.add_argument(
         "--access-log",
         action="store_true",
@@ -51,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             "pending_seconds": args.pending_seconds,
             "running_seconds": args.running_seconds,
             "latency_ms": args.latency_ms,
+            "answer_after_seconds": args.answer_after,
         }
     )
     if not args.access_log:

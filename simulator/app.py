@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
 import uuid
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -19,6 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "pending_seconds": 0.5,
     "running_seconds": 1.0,
     "latency_ms": 0,
+    "answer_after_seconds": 0,
 }
 
 SUBMIT_PATHS = (
@@ -26,7 +29,17 @@ SUBMIT_PATHS = (
     "/api/v1/services/aigc/image2video/video-synthesis",
 )
 
-SLEEP_MARKER = re.compile(r"\[sleep=(\d+(?:\.\d*)?|\.\d+)\]")
+SECONDS = r"(\d+(?:\.\d*)?|\.\d+)"
+SLEEP_MARKER = re.compile(rf"\[sleep={SECONDS}\]")
+ANSWER_AFTER_MARKER = re.compile(rf"\[answer-after={SECONDS}\]")
+
+# The task list's filters, as DashScope's console takes them: Beijing time, at most a day.
+LIST_STATUSES = ("PENDING", "RUNNING", "SUSPENDED", "SUCCEEDED", "FAILED", "CANCELED")
+LIST_TIME = re.compile(r"\d{14}")
+BEIJING = timezone(timedelta(hours=8))
+MAX_LIST_WINDOW = 24 * 3600
+MAX_PAGE_SIZE = 100
+REGION = "cn-beijing"
 
 # Codes for errors Flask raises itself (routing, body parsing), in DashScope's vocabulary.
 HTTP_CODES = {
@@ -51,6 +64,7 @@ class Task:
     prompt: str
     body: dict[str, Any]
     created: float
+    request_id: str
     fail: bool = False
     canceled_at: float | None = None
 
@@ -65,15 +79,18 @@ class State:
     submits: int = 0
     queries: int = 0
     cancels: int = 0
+    lists: int = 0
     queries_by_task: Counter[str] = field(default_factory=Counter)
+    submits_by_prompt: Counter[str] = field(default_factory=Counter)
     last_submit: dict[str, Any] | None = None
 
     def reset(self) -> None:
         """Forget every task and counter."""
         with self.lock:
             self.tasks.clear()
-            self.requests_total = self.submits = self.queries = self.cancels = 0
+            self.requests_total = self.submits = self.queries = self.cancels = self.lists = 0
             self.queries_by_task.clear()
+            self.submits_by_prompt.clear()
             self.last_submit = None
 
 
@@ -92,6 +109,40 @@ def error(status: int, code: str, message: str) -> tuple[Response, int]:
     return jsonify(request_id=new_id(), code=code, message=message), status
 
 
+def api_key_id(key: str) -> str:
+    """Return a stable numeric id for a key, standing in for the console's API key id."""
+    return str(zlib.crc32(key.encode()))
+
+
+def epoch_ms(ts: float) -> int:
+    """Turn an epoch timestamp into the epoch milliseconds of the task list."""
+    return int(ts * 1000)
+
+
+class ListParameterError(ValueError):
+    """A task-list query parameter DashScope would refuse with 400 InvalidParameter."""
+
+
+def parse_list_time(name: str, value: str) -> float:
+    """Parse a task-list time filter (YYYYMMDDhhmmss, Beijing time) into an epoch timestamp."""
+    try:
+        if not LIST_TIME.fullmatch(value):
+            raise ValueError(value)
+        moment = datetime.strptime(value, "%Y%m%d%H%M%S").replace(tzinfo=BEIJING)
+    except ValueError:
+        raise ListParameterError(f"{name} must be a time formatted YYYYMMDDhhmmss.") from None
+    return moment.timestamp()
+
+
+def parse_list_int(name: str, value: str | None, default: int, maximum: int) -> int:
+    """Parse a positive paging parameter no larger than maximum."""
+    if value is None:
+        return default
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= maximum:
+        raise ListParameterError(f"{name} must be an integer from 1 to {maximum}.")
+    return int(value)
+
+
 def resolution_sr(parameters: dict[str, Any]) -> int:
     """Turn a resolution like "720P" into the usage SR number (480 when absent or odd)."""
     value = str(parameters.get("resolution") or "").strip().upper().removesuffix("P")
@@ -105,6 +156,7 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
     pending = float(cfg["pending_seconds"])
     running = float(cfg["running_seconds"])
     latency = float(cfg["latency_ms"]) / 1000.0
+    answer_after = float(cfg["answer_after_seconds"])
     state = State()
 
     app = Flask(__name__)
@@ -127,6 +179,13 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
         with state.lock:
             task = state.tasks.get(task_id)
         return task if task is not None and task.owner == key else None
+
+    def end_of(task: Task, now: float) -> float | None:
+        """Return when a task finished or was canceled, None while it is unfinished."""
+        if task.canceled_at is not None:
+            return task.canceled_at
+        finished = task.created + pending + running
+        return finished if finished <= now else None
 
     def status_of(task: Task, now: float) -> str:
         """Derive a task's status from how long ago it was submitted."""
@@ -205,12 +264,95 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
             prompt=prompt,
             body=body,
             created=time.time(),
+            request_id=new_id(),
             fail="[fail]" in prompt,
         )
         with state.lock:
             state.tasks[task.task_id] = task
+            state.submits_by_prompt[prompt] += 1
+        # Sleeping after the task is stored models an answer lost in transit: the task exists
+        # upstream (and bills) although the client may never learn its id.
+        match = ANSWER_AFTER_MARKER.search(prompt)
+        delay = float(match.group(1)) if match else answer_after
+        if delay > 0:
+            time.sleep(delay)
         return jsonify(
-            request_id=new_id(), output={"task_id": task.task_id, "task_status": "PENDING"}
+            request_id=task.request_id,
+            output={"task_id": task.task_id, "task_status": "PENDING"},
+        )
+
+    @app.get("/api/v1/tasks")
+    def list_tasks() -> Any:
+        """List the calling key's tasks, newest first, in DashScope's flat task-list body."""
+        with state.lock:
+            state.lists += 1
+        key = authenticate()
+        if not isinstance(key, str):
+            return key
+        args = request.args
+        try:
+            page_no = parse_list_int("page_no", args.get("page_no"), 1, 2**31 - 1)
+            page_size = parse_list_int("page_size", args.get("page_size"), 10, MAX_PAGE_SIZE)
+            start = args.get("start_time")
+            end = args.get("end_time")
+            start_ts = parse_list_time("start_time", start) if start is not None else None
+            end_ts = parse_list_time("end_time", end) if end is not None else None
+            if start_ts is not None and end_ts is not None:
+                if end_ts < start_ts:
+                    raise ListParameterError("end_time must not be before start_time.")
+                if end_ts - start_ts > MAX_LIST_WINDOW:
+                    raise ListParameterError(
+                        "The time range between start_time and end_time must not exceed 24 hours."
+                    )
+            status = args.get("status")
+            if status is not None and status not in LIST_STATUSES:
+                raise ListParameterError(f"status must be one of {', '.join(LIST_STATUSES)}.")
+        except ListParameterError as exc:
+            return error(400, "InvalidParameter", str(exc))
+        model_name = args.get("model_name")
+        key_id = args.get("api_key_id")
+        region = args.get("region")
+
+        now = time.time()
+        with state.lock:
+            owned = [task for task in state.tasks.values() if task.owner == key]
+        matching = []
+        for task in owned:
+            task_status = status_of(task, now)
+            if (
+                (status is None or task_status == status)
+                and (start_ts is None or task.created >= start_ts)
+                # end_time covers its whole second: the filter's resolution is one second.
+                and (end_ts is None or task.created < end_ts + 1)
+                and (model_name is None or task.model == model_name)
+                and (key_id is None or key_id == api_key_id(task.owner))
+                and (region is None or region == REGION)
+            ):
+                matching.append((task, task_status))
+        matching.sort(key=lambda pair: pair[0].created, reverse=True)
+        first = (page_no - 1) * page_size
+        data = []
+        for task, task_status in matching[first : first + page_size]:
+            ended = end_of(task, now)
+            data.append(
+                {
+                    "task_id": task.task_id,
+                    "status": task_status,
+                    "model_name": task.model,
+                    "gmt_create": epoch_ms(task.created),
+                    "end_time": epoch_ms(ended) if ended is not None else None,
+                    "api_key_id": api_key_id(task.owner),
+                    "request_id": task.request_id,
+                    "region": REGION,
+                }
+            )
+        return jsonify(
+            request_id=new_id(),
+            total=len(matching),
+            total_page=math.ceil(len(matching) / page_size),
+            page_no=page_no,
+            page_size=page_size,
+            data=data,
         )
 
     @app.get("/api/v1/tasks/<task_id>")
@@ -300,9 +442,22 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
                 submits=state.submits,
                 queries=state.queries,
                 cancels=state.cancels,
+                lists=state.lists,
                 queries_by_task=dict(state.queries_by_task),
                 tasks=len(state.tasks),
                 last_submit=state.last_submit,
+                # Enough to prove every created task has an owner and none was created twice.
+                task_list=[
+                    {
+                        "task_id": task.task_id,
+                        "owner_hint": task.owner[-6:],
+                        "model": task.model,
+                        "prompt": task.prompt,
+                        "created": task.created,
+                    }
+                    for task in state.tasks.values()
+                ],
+                submits_by_prompt=dict(state.submits_by_prompt),
             )
 
     @app.post("/_sim/reset")
