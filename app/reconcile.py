@@ -50,8 +50,10 @@ LEASE = "reconciler"
 # DashScope's listing takes and gives times in Beijing time.
 LISTING_TIMEZONE_OFFSET = timedelta(hours=8)
 LISTING_PAGE_SIZE = 100
-# How far DashScope's clock may run behind ours, as seen in a task's creation time.
-CLOCK_SKEW = timedelta(seconds=60)
+# How far DashScope's clock may run behind ours, as seen in a task's creation time. Kept small:
+# a task created before the submit was sent cannot be its own (another program's, on a key
+# shared with the gateway, say).
+CLOCK_SKEW = timedelta(seconds=5)
 # Tasks moved out of the hot table per pass, in batches: enough to keep up with any submit rate
 # a deployment sees, small enough that no transaction holds the database for long.
 ARCHIVE_BATCH = 1000
