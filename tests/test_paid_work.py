@@ -24,6 +24,7 @@ from app.store.leases import acquire_lease
 from app.store.submissions import write_ahead
 from app.store.tables import submissions, task_archive, tasks
 from tests.conftest import BASE_CONFIG, PRIMARY, SUBMIT_PATH, bearer, new_key
+from tests.test_metrics import Meter
 
 UPSTREAM_SUBMIT = f"{PRIMARY}/api/v1/services/aigc/video-generation/video-synthesis"
 UPSTREAM_LIST = f"{PRIMARY}/api/v1/tasks"
@@ -257,11 +258,13 @@ def test_a_task_the_database_refuses_is_journaled_answered_and_replayed_once(
 
     upstream.add_callback(responses.POST, UPSTREAM_SUBMIT, callback=dashscope)
     caplog.set_level(logging.INFO)
+    meter = Meter(app.test_client())
 
     response = post_submit(app, key)
 
     assert response.status_code == 200
     assert response.json["output"]["task_id"] == "t-journaled"
+    assert meter.read().delta("bailian_gateway_journal_lines_total", event="written") == 1
     journal = app.extensions["gateway"].journal
     assert journal.lines() == 1
     [line] = [r for r in caplog.records if r.getMessage() == "task journaled"]
@@ -278,6 +281,8 @@ def test_a_task_the_database_refuses_is_journaled_answered_and_replayed_once(
 
     assert (first.replayed, second.replayed) == (2, 0)
     assert journal.lines() == 0
+    assert meter.read().delta("bailian_gateway_journal_lines_total", event="replayed") == 2
+    assert meter.delta("bailian_gateway_reconciler_passes_total", outcome="ok") == 2
     [task] = rows(app, tasks)
     [submission] = rows(app, submissions)
     assert (task.task_id, task.account_id) == ("t-journaled", submission.account_id)
@@ -320,10 +325,13 @@ def test_the_reconciler_adopts_the_task_of_a_submission_left_in_flight(
         json={"request_id": "q", "output": {"task_id": "t-adopted", "task_status": "RUNNING"}},
     )
     caplog.set_level(logging.INFO)
+    meter = Meter(app.test_client())
 
     report = reconciler(app, LATER).run_pass()
 
     assert report.adopted == 1
+    assert meter.read().delta("bailian_gateway_tasks_adopted_total", channel="primary") == 1
+    assert meter.after[("bailian_gateway_submissions_unresolved", frozenset())] == 0
     [task] = rows(app, tasks)
     assert (task.task_id, task.account_id, task.status) == (
         "t-adopted",
