@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from flask import Blueprint, Response, g, request
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 from app.channels import AllChannelsFailed, NoUsableChannel
@@ -127,6 +128,15 @@ def handle_write_ahead_failed(_error: WriteAheadFailed) -> Response:
         "ServiceUnavailable",
         "The gateway cannot record submits right now; nothing was sent, try again later.",
     )
+
+
+@bp.app_errorhandler(SQLAlchemyError)
+def handle_database_error(error: SQLAlchemyError) -> Response:
+    """Tell the client the gateway's database is unavailable, logging only the kind of error."""
+    # A driver's message may quote the values of the row it refused (PostgreSQL's "Failing row
+    # contains ..."): keys' hashes, DashScope's answers. Its type says enough to act on.
+    log.error("database error: %s", type(error).__name__)
+    return error_response(503, "ServiceUnavailable", "The gateway's database is unavailable.")
 
 
 @bp.app_errorhandler(Exception)

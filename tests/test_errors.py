@@ -226,19 +226,36 @@ def test_a_revoked_key_is_refused(app: Flask, client: FlaskClient) -> None:
 
 
 def test_an_unexpected_error_is_a_native_500_without_details(
+    app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "sk-in-a-bug-0123456789"
+
+    def buggy() -> str:
+        raise RuntimeError("a bug")
+
+    # A route with a bug in it: what every unforeseen exception must come out as.
+    app.add_url_rule("/alibailian/api/v1/buggy", view_func=buggy)
+
+    response = app.test_client().get("/alibailian/api/v1/buggy", headers=bearer(secret))
+
+    assert (response.status_code, response.json["code"]) == (500, "InternalError")
+    assert response.json["message"] == "An internal error occurred."
+    assert "unhandled error" in caplog.text
+    assert secret not in caplog.text
+
+
+def test_a_database_gone_under_a_running_gateway_is_a_native_503(
     make_app: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     folder = tmp_path / "vanishing"
     folder.mkdir()
     app = make_app(GATEWAY_DATABASE_URL=f"sqlite:///{folder / 'db.sqlite3'}")
     key = new_key(app)
-    # The database disappearing under a running gateway: logged, answered as a native 500.
     app.extensions["gateway"].engine.dispose()
     shutil.rmtree(folder)
 
     response = app.test_client().get("/alibailian/api/v1/tasks/t", headers=bearer(key))
 
-    assert (response.status_code, response.json["code"]) == (500, "InternalError")
-    assert response.json["message"] == "An internal error occurred."
-    assert "unhandled error" in caplog.text
+    assert (response.status_code, response.json["code"]) == (503, "ServiceUnavailable")
+    assert "database error: OperationalError" in caplog.text
     assert key not in caplog.text

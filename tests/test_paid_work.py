@@ -298,10 +298,26 @@ def test_a_task_the_database_refuses_is_journaled_answered_and_replayed_once(
 
 def test_sql_parameters_never_reach_an_error_message(app: Flask) -> None:
     engine = app.extensions["gateway"].engine
-    secret_value = "sk-a-secret-answer-body"
     with pytest.raises(IntegrityError) as raised, engine.begin() as conn:
-        conn.execute(tasks.insert().values(task_id=secret_value))  # NOT NULL columns missing
-    assert secret_value not in str(raised.value)
+        conn.execute(tasks.insert().values(task_id="t"))  # NOT NULL columns missing
+    assert "[SQL parameters hidden due to hide_parameters=True]" in str(raised.value)
+
+
+def test_a_database_error_in_a_request_is_a_503_logged_by_its_kind_only(
+    sqlite_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, folder = sqlite_app()
+    key = new_key(app)
+    client = app.test_client()
+    assert client.get("/alibailian/api/v1/tasks/x", headers=bearer(key)).status_code == 400
+    move_database_away(app, folder)
+
+    response = client.get("/alibailian/api/v1/tasks", headers=bearer(key))
+
+    assert (response.status_code, response.json["code"]) == (503, "ServiceUnavailable")
+    [record] = [r for r in caplog.records if r.getMessage().startswith("database error")]
+    assert record.getMessage() == "database error: OperationalError"
+    assert record.exc_info is None
 
 
 # --------------------------------------------------------------------------- the reconciler
