@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import DateTime, Engine, String, Text, bindparam, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from app.store.engine import writing
 from app.store.tables import FINAL_STATUSES, submissions, task_archive, tasks
@@ -42,6 +43,22 @@ class AcceptedTask:
     accepted_at: datetime
 
 
+_WRITE_AHEAD = (
+    insert(submissions)
+    .values(
+        account_id=bindparam("account_id"),
+        key_id=bindparam("key_id"),
+        model=bindparam("model"),
+        channel=bindparam("channel"),
+        service_path=bindparam("service_path"),
+        body_sha256=bindparam("body_sha256"),
+        state=IN_FLIGHT,
+        sent_at=bindparam("now"),
+    )
+    .returning(submissions.c.id)
+)
+
+
 def write_ahead(
     engine: Engine,
     *,
@@ -54,23 +71,17 @@ def write_ahead(
     now: datetime,
 ) -> int:
     """Record a submit about to be sent to a channel; return the submission's id."""
+    params = {
+        "account_id": account_id,
+        "key_id": key_id,
+        "model": model,
+        "channel": channel,
+        "service_path": service_path,
+        "body_sha256": body_sha256,
+        "now": now,
+    }
     with writing(engine) as conn:
-        return int(
-            conn.execute(
-                insert(submissions)
-                .values(
-                    account_id=account_id,
-                    key_id=key_id,
-                    model=model,
-                    channel=channel,
-                    service_path=service_path,
-                    body_sha256=body_sha256,
-                    state=IN_FLIGHT,
-                    sent_at=now,
-                )
-                .returning(submissions.c.id)
-            ).scalar_one()
-        )
+        return int(conn.execute(_WRITE_AHEAD, params).scalar_one())
 
 
 def move_to_channel(engine: Engine, submission_id: int, channel: str, now: datetime) -> None:
@@ -105,36 +116,80 @@ def mark_ambiguous(engine: Engine, submission_id: int, now: datetime) -> None:
         )
 
 
+def _insert_ignoring_duplicates(dialect: str) -> Any:
+    """Return the dialect's INSERT INTO tasks that leaves an existing task as it is."""
+    module = sqlite if dialect == "sqlite" else postgresql
+    return module.insert(tasks).on_conflict_do_nothing(index_elements=[tasks.c.task_id])
+
+
+# The task of an accepted submission, its owner copied from the submission row: one statement,
+# built once per dialect.
+_TASK_OF_SUBMISSION = {
+    dialect: _insert_ignoring_duplicates(dialect).from_select(
+        [
+            "task_id",
+            "account_id",
+            "key_id",
+            "channel",
+            "model",
+            "status",
+            "upstream_body",
+            "submitted_at",
+            "refreshed_at",
+            "finished_at",
+        ],
+        select(
+            bindparam("task_id", type_=String),
+            submissions.c.account_id,
+            submissions.c.key_id,
+            submissions.c.channel,
+            submissions.c.model,
+            bindparam("status", type_=String),
+            bindparam("upstream_body", type_=Text),
+            submissions.c.sent_at,
+            bindparam("accepted_at", type_=DateTime),
+            bindparam("finished_at", type_=DateTime),
+        ).where(submissions.c.id == bindparam("submission_id")),
+    )
+    for dialect in ("sqlite", "postgresql")
+}
+_RESOLVE_ACCEPTED = (
+    update(submissions)
+    .where(submissions.c.id == bindparam("submission_id"))
+    .values(
+        state=ACCEPTED,
+        task_id=bindparam("task_id"),
+        resolved_at=bindparam("accepted_at"),
+        resolved_by=bindparam("resolved_by"),
+    )
+)
+
+
 def record_accepted(engine: Engine, accepted: AcceptedTask, by: str) -> bool:
     """Record the task DashScope created for a submission; False if it was recorded already.
 
     One transaction, and idempotent: recording the same task twice (a journal replayed
     twice, two reconcilers adopting at once) leaves one task and one resolved submission.
     """
+    params = {
+        "submission_id": accepted.submission_id,
+        "task_id": accepted.task_id,
+        "status": accepted.status,
+        "upstream_body": accepted.upstream_body,
+        "accepted_at": accepted.accepted_at,
+        "finished_at": accepted.accepted_at if accepted.status in FINAL_STATUSES else None,
+        "resolved_by": by,
+    }
     with writing(engine) as conn:
-        row = conn.execute(
-            select(
-                submissions.c.account_id,
-                submissions.c.key_id,
-                submissions.c.channel,
-                submissions.c.model,
-                submissions.c.sent_at,
-            ).where(submissions.c.id == accepted.submission_id)
-        ).first()
-        if row is None:
-            raise LookupError(f"no submission {accepted.submission_id}")
-        if not _insert_task_once(conn, accepted, Owner(*row)):
-            return False
-        conn.execute(
-            update(submissions)
-            .where(submissions.c.id == accepted.submission_id)
-            .values(
-                state=ACCEPTED,
-                task_id=accepted.task_id,
-                resolved_at=accepted.accepted_at,
-                resolved_by=by,
-            )
-        )
+        inserted = conn.execute(_TASK_OF_SUBMISSION[engine.dialect.name], params).rowcount
+        if not inserted:
+            exists = conn.execute(
+                select(submissions.c.id).where(submissions.c.id == accepted.submission_id)
+            ).first()
+            if exists is None:
+                raise LookupError(f"no submission {accepted.submission_id}")
+            return False  # the task was recorded already
+        conn.execute(_RESOLVE_ACCEPTED, params)
         return True
 
 
@@ -152,17 +207,9 @@ class Owner:
 def record_orphan(engine: Engine, accepted: AcceptedTask, owner: Owner) -> bool:
     """Record a task whose submission row is gone (a database restored from a backup)."""
     with writing(engine) as conn:
-        return _insert_task_once(conn, accepted, owner)
-
-
-def _insert_task_once(conn: Connection, accepted: AcceptedTask, owner: Owner) -> bool:
-    if conn.execute(select(tasks.c.task_id).where(tasks.c.task_id == accepted.task_id)).first():
-        return False
-    try:
-        # A savepoint, so that losing a race to the same insert keeps the transaction usable.
-        with conn.begin_nested():
+        return bool(
             conn.execute(
-                insert(tasks).values(
+                _insert_ignoring_duplicates(engine.dialect.name).values(
                     task_id=accepted.task_id,
                     account_id=owner.account_id,
                     key_id=owner.key_id,
@@ -174,10 +221,8 @@ def _insert_task_once(conn: Connection, accepted: AcceptedTask, owner: Owner) ->
                     refreshed_at=accepted.accepted_at,
                     finished_at=accepted.accepted_at if accepted.status in FINAL_STATUSES else None,
                 )
-            )
-    except IntegrityError:
-        return False
-    return True
+            ).rowcount
+        )
 
 
 def in_flight(engine: Engine, sent_before: datetime) -> list[Submission]:
