@@ -3,7 +3,7 @@
 # a venv, else the first python3 on PATH; `make install PYTHON=python3.12` picks another. How
 # the interpreter was compiled matters: pyenv's default build (no --enable-optimizations, no
 # --with-lto, a shared libpython) runs each gateway request with 12% more instructions than
-# Debian's python3 (README, "Performance"). Delete .venv to rebuild it on another one.
+# Debian's python3 (docs/performance.md). Delete .venv to rebuild it on another one.
 PYTHON ?= $(shell /usr/bin/python3 -c 'import sys, ensurepip; sys.exit(sys.version_info < (3, 11))' \
 	2>/dev/null && echo /usr/bin/python3 || echo python3)
 VENV := .venv
