@@ -22,11 +22,15 @@ from app.upstream import DashScopeClient
 KEY_CACHE_SIZE = 50_000
 
 
-def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
-    """Build the gateway application; `overrides` replaces environment variables (tests)."""
+def create_app(overrides: Mapping[str, Any] | None = None, *, upgrade_schema: bool = True) -> Flask:
+    """Build the gateway application; `overrides` replaces environment variables (tests).
+
+    The database is migrated to this release's schema first, unless `upgrade_schema` is False
+    (the CLI, whose `db` commands report the revision before they change it).
+    """
     app = Flask(__name__, instance_relative_config=True)
     app.session_interface = NoCookieSessions()
-    register_gateway(app, {**os.environ, **(overrides or {})})
+    register_gateway(app, {**os.environ, **(overrides or {})}, upgrade_schema=upgrade_schema)
     register_observability(app)
     register_blueprints(app)
     register_cli(app)
@@ -48,7 +52,9 @@ class NoCookieSessions(SessionInterface):
         """Set no cookie."""
 
 
-def register_gateway(app: Flask, environ: Mapping[str, str]) -> None:
+def register_gateway(
+    app: Flask, environ: Mapping[str, str], *, upgrade_schema: bool = True
+) -> None:
     """Load the settings and open the database, the upstream client and the channel pool."""
     settings = load_settings(environ)
     database_url = settings.database_url
@@ -58,7 +64,9 @@ def register_gateway(app: Flask, environ: Mapping[str, str]) -> None:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["gateway"] = Gateway(
         settings=settings,
-        engine=open_engine(database_url, settings.pool_size, settings.max_overflow),
+        engine=open_engine(
+            database_url, settings.pool_size, settings.max_overflow, upgrade=upgrade_schema
+        ),
         client=DashScopeClient(
             settings.connect_timeout, settings.read_timeout, settings.query_retries
         ),
@@ -92,7 +100,8 @@ def register_blueprints(app: Flask) -> None:
 
 
 def register_cli(app: Flask) -> None:
-    """Add the `keys` commands to `flask` and `bailian-gateway`."""
-    from app.cli import keys_cli
+    """Add the `keys` and `db` commands to `flask` and `bailian-gateway`."""
+    from app.cli import db_cli, keys_cli
 
     app.cli.add_command(keys_cli)
+    app.cli.add_command(db_cli)
