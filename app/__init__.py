@@ -23,14 +23,18 @@ from app.upstream import DashScopeClient
 KEY_CACHE_SIZE = 50_000
 
 
-def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
-    """Build the gateway application; `overrides` replaces environment variables (tests)."""
+def create_app(overrides: Mapping[str, Any] | None = None, *, upgrade_schema: bool = True) -> Flask:
+    """Build the gateway application; `overrides` replaces environment variables (tests).
+
+    The database is migrated to this release's schema first, unless `upgrade_schema` is False
+    (the CLI, whose `db` commands report the revision before they change it).
+    """
     environ = {**os.environ, **(overrides or {})}
     # The instance folder holds the default SQLite database and the journal.
     instance_path = environ.get("GATEWAY_INSTANCE_PATH") or None
     app = Flask(__name__, instance_path=instance_path, instance_relative_config=True)
     app.session_interface = NoCookieSessions()
-    register_gateway(app, environ)
+    register_gateway(app, environ, upgrade_schema=upgrade_schema)
     register_observability(app)
     register_blueprints(app)
     register_reconciler(app)
@@ -53,7 +57,9 @@ class NoCookieSessions(SessionInterface):
         """Set no cookie."""
 
 
-def register_gateway(app: Flask, environ: Mapping[str, str]) -> None:
+def register_gateway(
+    app: Flask, environ: Mapping[str, str], *, upgrade_schema: bool = True
+) -> None:
     """Load the settings and open the database, the upstream client and the channel pool."""
     settings = load_settings(environ)
     database_url = settings.database_url
@@ -63,7 +69,9 @@ def register_gateway(app: Flask, environ: Mapping[str, str]) -> None:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["gateway"] = Gateway(
         settings=settings,
-        engine=open_engine(database_url, settings.pool_size, settings.max_overflow),
+        engine=open_engine(
+            database_url, settings.pool_size, settings.max_overflow, upgrade=upgrade_schema
+        ),
         client=DashScopeClient(
             settings.connect_timeout, settings.read_timeout, settings.query_retries
         ),
@@ -105,8 +113,9 @@ def register_reconciler(app: Flask) -> None:
 
 
 def register_cli(app: Flask) -> None:
-    """Add the `keys` and `reconcile` commands to `flask` and `bailian-gateway`."""
-    from app.cli import keys_cli, reconcile_command
+    """Add the `keys`, `db` and `reconcile` commands to `flask` and `bailian-gateway`."""
+    from app.cli import db_cli, keys_cli, reconcile_command
 
     app.cli.add_command(keys_cli)
+    app.cli.add_command(db_cli)
     app.cli.add_command(reconcile_command)

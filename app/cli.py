@@ -1,15 +1,27 @@
-"""Operator commands: `bailian-gateway keys ...`, `reconcile` (also through `flask --app wsgi`)."""
+"""Operator commands: `bailian-gateway keys ...`, `db ...` and `reconcile`."""
 
 from __future__ import annotations
 
 import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, FlaskGroup, with_appcontext
+from sqlalchemy import Engine
 
 from app.gateway import current_gateway
 from app.store import create_key, list_keys, revoke_key
+from app.store.schema import SchemaError, read_revision, upgrade_schema
 
 keys_cli = AppGroup("keys", help="Create, revoke and list gateway API keys.")
+db_cli = AppGroup("db", help="Show and upgrade the database's schema revision.")
+
+
+def _upgraded_engine() -> Engine:
+    """Return the app's database, migrated to head as the server would on its start."""
+    # The console script's app does not migrate as it is made (so that `db current` changes
+    # nothing); the keys commands work on the schema the server does.
+    engine = current_gateway().engine
+    upgrade_schema(engine)
+    return engine
 
 
 @keys_cli.command("create")
@@ -18,7 +30,7 @@ keys_cli = AppGroup("keys", help="Create, revoke and list gateway API keys.")
 def create_key_command(account: str, models: str | None) -> None:
     """Create a key for ACCOUNT (created if new); the key is printed once, on the last line."""
     allowlist = [m.strip() for m in models.split(",") if m.strip()] if models else None
-    secret = create_key(current_gateway().engine, account, allowlist)
+    secret = create_key(_upgraded_engine(), account, allowlist)
     click.echo(f"Created a key for account {account!r}. Store it now: it is not shown again.")
     click.echo(secret)
 
@@ -27,7 +39,7 @@ def create_key_command(account: str, models: str | None) -> None:
 @click.argument("key")
 def revoke_key_command(key: str) -> None:
     """Revoke KEY, given as the secret or as the id `keys list` shows."""
-    if not revoke_key(current_gateway().engine, key):
+    if not revoke_key(_upgraded_engine(), key):
         raise click.ClickException("no active key matches")
     click.echo("Key revoked.")
 
@@ -36,7 +48,7 @@ def revoke_key_command(key: str) -> None:
 def list_keys_command() -> None:
     """List keys without their secrets."""
     click.echo(f"{'ID':>4}  {'ACCOUNT':<20} {'KEY':<12} {'STATUS':<8} {'CREATED':<19}  MODELS")
-    for key in list_keys(current_gateway().engine):
+    for key in list_keys(_upgraded_engine()):
         status = "revoked" if key.revoked_at else "active"
         models = ",".join(sorted(key.models)) if key.models is not None else "*"
         created = key.created_at.strftime("%Y-%m-%d %H:%M:%S")
@@ -46,12 +58,36 @@ def list_keys_command() -> None:
         )
 
 
+@db_cli.command("current")
+def db_current_command() -> None:
+    """Print the database's schema revision; change nothing."""
+    with current_gateway().engine.connect() as conn:
+        click.echo(read_revision(conn).describe())
+
+
+@db_cli.command("upgrade")
+def db_upgrade_command() -> None:
+    """Migrate the database to this release's schema, as the server does on its start."""
+    try:
+        upgrade = upgrade_schema(current_gateway().engine)
+    except SchemaError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"before: {upgrade.before.describe()}")
+    click.echo(f"after: {upgrade.after.describe()}")
+    if not upgrade.at_head:
+        raise click.ClickException(
+            "the database is at a revision this release does not know (a newer release "
+            "migrated it): nothing was changed"
+        )
+
+
 @click.command("reconcile")
 @with_appcontext
 def reconcile_command() -> None:
     """Run one reconciler pass (journal, submissions in flight, running tasks, retention)."""
     from app.reconcile import iter_lines
 
+    _upgraded_engine()
     report = current_app.extensions["reconciler"].run_pass()
     for line in iter_lines(report):
         click.echo(line)
@@ -60,7 +96,7 @@ def reconcile_command() -> None:
 def _create_app() -> Flask:
     from app import create_app
 
-    return create_app()
+    return create_app(upgrade_schema=False)
 
 
 cli = FlaskGroup(create_app=_create_app, add_version_option=False, help="Operate bailian-gateway.")

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Connection, Engine, Select, create_engine, event, text
+from sqlalchemy import Connection, Engine, Select, create_engine, event
 
-from app.store.tables import metadata
+from app.store.schema import upgrade_schema
 
 # How long a connection waits for a lock other connections hold.
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -148,8 +148,10 @@ class _CompiledRead:
         return tuple(values)
 
 
-def open_engine(url: str, pool_size: int = 10, max_overflow: int = 10) -> Engine:
-    """Create the engine for a database URL and make sure the schema exists."""
+def open_engine(
+    url: str, pool_size: int = 10, max_overflow: int = 10, *, upgrade: bool = True
+) -> Engine:
+    """Create the engine for a database URL and, unless told not to, migrate it to head."""
     # Each gunicorn worker has its own pool; a thread holds a connection only for one short
     # query, so a pool far smaller than the thread count serves them all.
     is_sqlite = url.startswith("sqlite")
@@ -166,25 +168,10 @@ def open_engine(url: str, pool_size: int = 10, max_overflow: int = 10) -> Engine
     if is_sqlite:
         event.listen(engine, "connect", _tune_sqlite)
         _sqlite_write_locks[engine] = threading.Lock()
-    create_schema(engine)
+    if upgrade:
+        try:
+            upgrade_schema(engine)
+        except BaseException:
+            engine.dispose()
+            raise
     return engine
-
-
-# The key of the PostgreSQL advisory lock that schema creation holds ("bailian" in ASCII).
-_SCHEMA_LOCK_KEY = 0x6261696C69616E
-
-
-def create_schema(engine: Engine) -> None:
-    """Create missing tables, one process at a time."""
-    # Every gunicorn worker (and every instance) runs this as it starts. Checking for each table
-    # and creating it are separate statements, so two workers on an empty database both find a
-    # table missing and the second CREATE fails: the worker does not boot, and gunicorn stops
-    # the whole server. The check and the creation therefore run under a database-wide lock.
-    with engine.begin() as conn:
-        if engine.dialect.name == "sqlite":
-            # The write lock, taken now rather than at the first CREATE; busy_timeout queues
-            # the other workers behind it.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        elif engine.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
-        metadata.create_all(conn)

@@ -1,0 +1,1 @@
+"""The gateway's schema migrations (Alembic): env.py, script.py.mako and versions/."""

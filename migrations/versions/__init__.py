@@ -1,0 +1,1 @@
+"""The migrations, one module each; Alembic loads them by path (their names start with digits)."""
