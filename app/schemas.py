@@ -7,6 +7,9 @@ from typing import Any
 from marshmallow import EXCLUDE, INCLUDE, Schema, ValidationError, fields, validate
 
 MAX_SEED = 2_147_483_647
+# The last task-list page asked for: far past any account's tasks (pages of up to 100), and
+# an offset that every database's integer holds (PostgreSQL's and SQLite's are 64-bit).
+MAX_PAGE_NO = 2_147_483_647
 TASK_STATUSES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN")
 # DashScope's task-list time filters: YYYYMMDDhhmmss (taken as UTC here).
 LIST_TIME_FORMAT = "%Y%m%d%H%M%S"
@@ -118,7 +121,7 @@ class TaskListQuerySchema(Schema):
         # DashScope's own filters that mean nothing here (api_key_id, region) are ignored.
         unknown = EXCLUDE
 
-    page_no = fields.Integer(load_default=1, validate=validate.Range(min=1))
+    page_no = fields.Integer(load_default=1, validate=validate.Range(min=1, max=MAX_PAGE_NO))
     page_size = fields.Integer(load_default=10, validate=validate.Range(min=1, max=100))
     status = fields.String(validate=validate.OneOf(TASK_STATUSES))
     model_name = fields.String()

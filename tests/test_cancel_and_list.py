@@ -125,10 +125,26 @@ def test_list_rejects_bad_filters_natively(client: FlaskClient, api_key: str) ->
     cases: list[tuple[str, Any]] = [
         ("page_size=1000", "page_size"),
         ("page_no=0", "page_no"),
+        # Past what a database integer holds: OverflowError (SQLite), DataError (PostgreSQL).
+        ("page_no=9223372036854775807", "page_no"),
+        ("page_no=2147483648", "page_no"),
+        ("page_no=-9223372036854775809", "page_no"),
+        (f"page_no={10**40}", "page_no"),
+        ("page_size=9223372036854775807", "page_size"),
+        ("page_size=-9223372036854775809", "page_size"),
         ("status=DONE", "status"),
         ("start_time=yesterday", "start_time"),
+        ("start_time=99999999999999", "start_time"),
+        ("end_time=00000101000000", "end_time"),
     ]
     for query, field in cases:
         response = client.get(f"{TASKS}?{query}", headers=bearer(api_key))
         assert (response.status_code, response.json["code"]) == (400, "InvalidParameter")
         assert response.json["message"].startswith(f"{field}: ")
+
+
+def test_the_last_page_number_allowed_is_an_empty_page(client: FlaskClient, api_key: str) -> None:
+    response = client.get(f"{TASKS}?page_no=2147483647&page_size=100", headers=bearer(api_key))
+
+    assert response.status_code == 200
+    assert (response.json["page_no"], response.json["data"]) == (2147483647, [])
