@@ -21,6 +21,8 @@ from app.errors import ApiError, model_not_found, task_not_exist
 from app.gateway import current_gateway
 from app.observability import metrics
 from app.schemas import (
+    MAX_BODY_DEPTH,
+    deeper_than,
     first_error,
     task_list_query_schema,
     validation_message,
@@ -153,8 +155,12 @@ def load_submit_body() -> tuple[bytes, str]:
         raise RequestEntityTooLarge()
     try:
         data = json.loads(body)
+    except RecursionError:  # nested past the interpreter's stack: far past MAX_BODY_DEPTH
+        raise nested_too_deeply() from None
     except ValueError:
         raise ApiError(400, "InvalidParameter", "The request body is not valid JSON.") from None
+    if deeper_than(data, MAX_BODY_DEPTH):
+        raise nested_too_deeply()
     if not isinstance(data, dict):
         raise ApiError(400, "InvalidParameter", "The request body must be a JSON object.")
     if data.get("model") in (None, ""):
@@ -170,6 +176,15 @@ def load_submit_body() -> tuple[bytes, str]:
         raise ApiError(400, "InvalidParameter", first_error(errors))
     g.model = data["model"]
     return body, data["model"]
+
+
+def nested_too_deeply() -> ApiError:
+    """Return the error for a submit body that nests past MAX_BODY_DEPTH."""
+    return ApiError(
+        400,
+        "InvalidParameter",
+        f"The request body nests arrays and objects deeper than {MAX_BODY_DEPTH} levels.",
+    )
 
 
 def forwarded_headers() -> dict[str, str]:
