@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from flask import Blueprint, Response, g
+from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException
 
 from app.channels import AllChannelsFailed, NoUsableChannel
@@ -84,6 +85,17 @@ def handle_http_exception(error: HTTPException) -> Response:
     if valid_methods:
         response.headers["Allow"] = ", ".join(valid_methods)
     return response
+
+
+@bp.app_errorhandler(ParseException)
+def handle_malformed_body(_error: ParseException) -> Response:
+    """Refuse a chunked request body gunicorn could not parse (a bad chunk size or terminator)."""
+    # gunicorn parses a chunked body while the view reads it, so its parse errors surface here.
+    # (A body cut short is an OSError, which Werkzeug's stream already turns into a 400.) Their
+    # text quotes the client's bytes: it is not repeated.
+    return error_response(
+        400, "InvalidParameter", "The request body is not valid chunked transfer coding."
+    )
 
 
 @bp.app_errorhandler(NoUsableChannel)
