@@ -24,8 +24,12 @@ KEY_CACHE_SIZE = 50_000
 
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     """Build the gateway application; `overrides` replaces environment variables (tests)."""
-    app = Flask(__name__, instance_relative_config=True)
+    # No static folder: the gateway serves no files, and its route would answer OPTIONS itself.
+    app = Flask(__name__, instance_relative_config=True, static_folder=None)
     app.session_interface = NoCookieSessions()
+    # OPTIONS is no method of DashScope's API: it answers 405 with `Allow` from the errors
+    # blueprint, as any other method a route does not take, not Flask's empty text/html 200.
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     register_gateway(app, {**os.environ, **(overrides or {})})
     register_observability(app)
     register_blueprints(app)

@@ -339,6 +339,10 @@ def test_unknown_route_is_native_404(gateway: Gateway, keys: Keys, method: str, 
         ("PUT", SUBMIT_PATH, "POST"),
         ("DELETE", f"{API_PREFIX}/tasks/{uuid.uuid4()}", "GET"),
         ("POST", f"{API_PREFIX}/tasks/{uuid.uuid4()}", "GET"),
+        ("OPTIONS", SUBMIT_PATH, "POST"),
+        ("OPTIONS", f"{API_PREFIX}/tasks/{uuid.uuid4()}", "GET"),
+        ("OPTIONS", f"{API_PREFIX}/tasks", "GET"),
+        ("OPTIONS", "/readyz", "GET"),
     ],
 )
 def test_wrong_method_is_native_405(
@@ -349,6 +353,7 @@ def test_wrong_method_is_native_405(
     )
     assert_native_error(response, 405, "MethodNotAllowed")
     assert allowed in response.headers["Allow"]
+    assert "OPTIONS" not in response.headers["Allow"]
 
 
 # --------------------------------------------------------------------------- upstream trouble
