@@ -82,7 +82,7 @@ class UpstreamBrokenAnswer(UpstreamError):
 
 @dataclass(frozen=True)
 class UpstreamAnswer:
-    """An HTTP answer from DashScope: its status, its bytes as sent, and its parsed JSON."""
+    """An HTTP answer from DashScope: its status, its bytes (as sent, if UTF-8), and its JSON."""
 
     status: int
     body: bytes
@@ -355,15 +355,25 @@ class DashScopeClient:
             raise UpstreamTimeout(channel.name, "read timeout") from None
         except HTTPError as exc:  # the body was cut short, or could not be decoded
             raise UpstreamBrokenAnswer(channel.name, type(exc).__name__) from None
-        try:
-            data = json.loads(body)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            raise UpstreamBrokenAnswer(
-                channel.name, f"HTTP {response.status_code} answer is not a JSON object"
-            )
-        return UpstreamAnswer(status=response.status_code, body=body, data=data)
+        return _decode(channel, response.status_code, body)
+
+
+def _decode(channel: Channel, status: int, body: bytes) -> UpstreamAnswer:
+    """Return the answer with its JSON object, its body re-encoded as UTF-8 if it came otherwise."""
+    # JSON's own rules (RFC 8259, 8.1) tell UTF-8 from UTF-16 and UTF-32 and a BOM, as
+    # json.loads does for bytes. Decoded strictly here, so that what is stored (and read again
+    # with json.loads, as text) is UTF-8 that loads the same: no BOM, no lone surrogate.
+    encoding = json.detect_encoding(body)
+    try:
+        text = body.decode(encoding)
+        data = json.loads(text)
+    except (ValueError, RecursionError):  # not UTF-8 (or 16, 32), not JSON, nested too deep
+        data = None
+    if not isinstance(data, dict):
+        raise UpstreamBrokenAnswer(channel.name, f"HTTP {status} answer is not a JSON object")
+    if encoding != "utf-8":
+        body = text.encode()
+    return UpstreamAnswer(status=status, body=body, data=data)
 
 
 @dataclass(frozen=True)
