@@ -45,6 +45,9 @@ OPERATIONS: dict[str, tuple[str, dict[str, str]]] = {
 # Task paths (under /api/v1/), logged as templates so that one log field and one label group
 # every task.
 TASK_PATH = re.compile(r"tasks/(?P<task_id>[^/]+)(?P<action>/[a-z]+)?")
+# What an upstream request id keeps: visible ASCII, up to a length far past a UUID's.
+UNSAFE_REQUEST_ID_CHARACTERS = re.compile(r"[^!-~]+")
+MAX_REQUEST_ID_LENGTH = 128
 # Paths that requests' URL preparation returns unchanged: unreserved characters and slashes,
 # no dot (urllib3 resolves dot segments), no percent sign, query or fragment.
 PLAIN_PATH = re.compile(r"[A-Za-z0-9_~/-]*")
@@ -96,9 +99,14 @@ class UpstreamAnswer:
 
     @property
     def request_id(self) -> str | None:
-        """Return DashScope's request id."""
+        """Return DashScope's request id, fit for a response header and a log line."""
         value = self.data.get("request_id")
-        return value if isinstance(value, str) else None
+        if not isinstance(value, str):
+            return None
+        # It becomes X-Request-Id: a CR or LF would split the header, and anything but visible
+        # ASCII is no id DashScope makes (UUIDs), so it is dropped, as is a length no id has.
+        value = UNSAFE_REQUEST_ID_CHARACTERS.sub("", value)[:MAX_REQUEST_ID_LENGTH]
+        return value or None
 
     @property
     def task_id(self) -> str | None:

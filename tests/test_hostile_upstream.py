@@ -118,3 +118,47 @@ def test_a_query_answer_with_a_bom_is_stored_without_it(
     assert {answer.json["output"]["task_status"] for answer in answers} == {"SUCCEEDED"}
     assert not answers[0].data.startswith(b"\xef\xbb\xbf")
     assert json.loads(stored_bodies(app)[0]) == SUCCEEDED
+
+
+@pytest.mark.parametrize(
+    ("request_id", "header"),
+    [
+        ("up-1\r\nSet-Cookie: session=forged", "up-1Set-Cookie:session=forged"),
+        ("up-1\nX-Injected: 1", "up-1X-Injected:1"),
+        ("up\x00-\x1b[31m-\x7f1", "up-[31m-1"),
+        ("请求-1", "-1"),
+        ("\r\n", None),
+        ("x" * 10_000, "x" * 128),
+    ],
+    ids=["crlf", "lf", "controls", "non-ascii", "nothing-left", "long"],
+)
+def test_an_upstream_request_id_is_sanitised_before_headers_and_logs(
+    app: Flask,
+    client: FlaskClient,
+    api_key: str,
+    upstream: responses.RequestsMock,
+    caplog: pytest.LogCaptureFixture,
+    request_id: str,
+    header: str | None,
+) -> None:
+    accepted = {**ACCEPTED, "request_id": request_id}
+    upstream.post(UPSTREAM_SUBMIT, json=accepted)
+    upstream.get(UPSTREAM_TASK, json={**SUCCEEDED, "request_id": request_id})
+
+    submitted = client.post(SUBMIT_PATH, json=SUBMIT_BODY, headers=bearer(api_key))
+    queried = client.get(TASK_URL, headers=bearer(api_key))
+    again = client.get(TASK_URL, headers=bearer(api_key))
+
+    assert [submitted.status_code, queried.status_code, again.status_code] == [200, 200, 200]
+    # The body is DashScope's as it came (JSON escapes the characters); the header is not.
+    assert submitted.json == accepted
+    for answer in (submitted, queried):
+        assert answer.headers["X-Request-Id"] == (header or answer.headers["X-Request-Id"])
+        assert "\r" not in answer.headers["X-Request-Id"]
+        assert "\n" not in answer.headers["X-Request-Id"]
+    if header is None:  # nothing usable: the gateway's own id
+        assert submitted.headers["X-Request-Id"] != request_id
+    logged = [getattr(r, "upstream_request_id", None) for r in caplog.records]
+    assert request_id not in logged
+    assert header in logged
+    assert len(stored_bodies(app)) == 1
