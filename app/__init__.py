@@ -64,7 +64,10 @@ def register_gateway(app: Flask, environ: Mapping[str, str]) -> None:
         settings=settings,
         engine=open_engine(database_url, settings.pool_size, settings.max_overflow),
         client=DashScopeClient(
-            settings.connect_timeout, settings.read_timeout, settings.query_retries
+            settings.connect_timeout,
+            settings.read_timeout,
+            settings.query_retries,
+            max_answer_bytes=settings.max_answer_bytes,
         ),
         pool=ChannelPool(settings.channels),
         callers=SharedCache(TTLCache(KEY_CACHE_SIZE, settings.key_cache_seconds)),

@@ -24,7 +24,7 @@ from urllib3.exceptions import (
 )
 from urllib3.util.retry import Retry
 
-from app.config import Channel
+from app.config import DEFAULT_MAX_ANSWER_BYTES, Channel
 from app.observability import metrics
 
 log = logging.getLogger("bailian_gateway.upstream")
@@ -45,6 +45,9 @@ OPERATIONS: dict[str, tuple[str, dict[str, str]]] = {
 # Task paths (under /api/v1/), logged as templates so that one log field and one label group
 # every task.
 TASK_PATH = re.compile(r"tasks/(?P<task_id>[^/]+)(?P<action>/[a-z]+)?")
+# The most of an answer's body read at once: small enough not to allocate the whole cap for
+# each read, large enough that a big answer takes few of them.
+READ_CHUNK_BYTES = 64 * 1024
 # What an upstream request id keeps: visible ASCII, up to a length far past a UUID's.
 UNSAFE_REQUEST_ID_CHARACTERS = re.compile(r"[^!-~]+")
 MAX_REQUEST_ID_LENGTH = 128
@@ -207,9 +210,17 @@ def _origin(url: str) -> str:
 class DashScopeClient:
     """Submit tasks to and query tasks from DashScope channels."""
 
-    def __init__(self, connect_timeout: float, read_timeout: float, query_retries: int = 2) -> None:
+    def __init__(
+        self,
+        connect_timeout: float,
+        read_timeout: float,
+        query_retries: int = 2,
+        *,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
+    ) -> None:
         self.timeout = (connect_timeout, read_timeout)
         self.query_retries = query_retries
+        self.max_answer_bytes = max_answer_bytes
         self._local = threading.local()
         # The prepared request of each channel and operation, copied for every call.
         self._templates: dict[tuple[Channel, str], requests.PreparedRequest] = {}
@@ -342,10 +353,8 @@ class DashScopeClient:
             # No proxies (trust_env is off), said here so that requests does not work it out
             # again on every call.
             response = adapter.send(prepared, timeout=self.timeout, proxies={})
-            # Read here, so that a body cut short fails as the call does. One read of the raw
-            # response: requests' `content` walks a generator of 10 kB chunks around the same
-            # read (2% of a task query's CPU), wrapping urllib3's errors (caught below) on the way.
-            body = response.raw.read(decode_content=True)
+            # Read here, so that a body cut short fails as the call does.
+            body = self._read_body(channel, response)
         except requests.ConnectTimeout:
             raise UpstreamUnreachable(channel.name, "connect timeout") from None
         except requests.ReadTimeout:
@@ -364,6 +373,43 @@ class DashScopeClient:
         except HTTPError as exc:  # the body was cut short, or could not be decoded
             raise UpstreamBrokenAnswer(channel.name, type(exc).__name__) from None
         return _decode(channel, response.status_code, body)
+
+    def _read_body(self, channel: Channel, response: requests.Response) -> bytes:
+        """Return the answer's decoded body: at most max_answer_bytes, read within the timeout."""
+        # Straight from urllib3's response: requests' `content` walks a generator of 10 kB chunks
+        # around the same reads (2% of a task query's CPU), wrapping urllib3's errors (caught by
+        # the caller) on the way.
+        raw = response.raw
+        limit = self.max_answer_bytes
+        if raw.length_remaining is not None and raw.length_remaining > limit:
+            response.close()  # unread: the connection cannot serve another call
+            raise _too_large(channel, response.status_code, limit)
+        # The socket's timeout bounds each read, not the answer: one that trickles in a byte at a
+        # time would hold the thread for as long as it lasts. So each read gets the time left.
+        deadline = time.monotonic() + self.timeout[1]
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := raw.read1(min(limit + 1 - size, READ_CHUNK_BYTES), decode_content=True):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                response.close()
+                raise _too_large(channel, response.status_code, limit)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                response.close()
+                raise UpstreamTimeout(channel.name, "read timeout: the answer came too slowly")
+            # Still held once the body is read whole (urllib3 then returns it to its pool); and
+            # urllib3 sets the socket's timeout again before the connection's next call.
+            connection = raw.connection
+            if connection is not None and connection.sock is not None:
+                connection.sock.settimeout(left)
+        return b"".join(chunks)
+
+
+def _too_large(channel: Channel, status: int, limit: int) -> UpstreamBrokenAnswer:
+    """Return the failure of an answer longer than the gateway reads."""
+    return UpstreamBrokenAnswer(channel.name, f"HTTP {status} answer over {limit} bytes")
 
 
 def _decode(channel: Channel, status: int, body: bytes) -> UpstreamAnswer:

@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from app.store.tables import tasks
-from tests.conftest import PRIMARY, SUBMIT_PATH, bearer
+from tests.conftest import BASE_CONFIG, PRIMARY, SUBMIT_PATH, bearer, new_key
 
 TASK_ID = "0385dc79-5ff8-4d82-bcb6-caa4a9f7a3d9"
 UPSTREAM_SUBMIT = f"{PRIMARY}/api/v1/services/aigc/video-generation/video-synthesis"
@@ -162,3 +162,35 @@ def test_an_upstream_request_id_is_sanitised_before_headers_and_logs(
     assert request_id not in logged
     assert header in logged
     assert len(stored_bodies(app)) == 1
+
+
+SMALL_CAP_CONFIG = BASE_CONFIG.replace("[upstream]", "[upstream]\nmax_answer_bytes = 4096")
+OVERSIZED = {**ACCEPTED, "pad": "x" * 5000}
+
+
+def test_a_submit_answer_over_max_answer_bytes_is_a_broken_answer(
+    make_app: Any, upstream: responses.RequestsMock
+) -> None:
+    app = make_app(SMALL_CAP_CONFIG)
+    upstream.post(UPSTREAM_SUBMIT, json=OVERSIZED)
+
+    response = app.test_client().post(SUBMIT_PATH, json=SUBMIT_BODY, headers=bearer(new_key(app)))
+
+    assert (response.status_code, response.json["code"]) == (503, "ServiceUnavailable")
+    assert "pad" not in response.json["message"]
+    assert stored_bodies(app) == []
+
+
+def test_a_query_answer_over_max_answer_bytes_is_not_stored(
+    make_app: Any, upstream: responses.RequestsMock
+) -> None:
+    app = make_app(SMALL_CAP_CONFIG)
+    client, key = app.test_client(), new_key(app)
+    upstream.post(UPSTREAM_SUBMIT, json=ACCEPTED)
+    upstream.get(UPSTREAM_TASK, json={**SUCCEEDED, "pad": "x" * 5000})
+    client.post(SUBMIT_PATH, json=SUBMIT_BODY, headers=bearer(key))
+
+    response = client.get(TASK_URL, headers=bearer(key))
+
+    assert (response.status_code, response.json["output"]) == (200, ACCEPTED["output"])
+    assert [json.loads(body) for body in stored_bodies(app)] == [ACCEPTED]
