@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from app.config import Channel
 from app.observability import metrics
-from app.upstream import DashScopeClient, UpstreamAnswer, UpstreamError
+from app.upstream import DashScopeClient, UpstreamAnswer, UpstreamError, UpstreamThrottled
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,14 @@ def submit_with_failover(
     if not candidates:
         raise NoUsableChannel(model)
     throttled: tuple[Channel, UpstreamAnswer] | None = None
+    throttled_unsaid: UpstreamThrottled | None = None  # a 429 without DashScope's JSON
     for channel in candidates:
         try:
             answer = client.submit_task(channel, service_path, body, client_headers)
+        except UpstreamThrottled as exc:
+            pool.report_failure(channel, throttled_model=model)
+            throttled_unsaid = exc
+            continue
         except UpstreamError as exc:
             pool.report_failure(channel)
             if not exc.nothing_created:
@@ -137,4 +142,6 @@ def submit_with_failover(
         return channel, answer
     if throttled is not None:
         return throttled  # clients should back off, as DashScope asked
+    if throttled_unsaid is not None:
+        raise throttled_unsaid  # the same, in the gateway's words
     raise AllChannelsFailed(model)

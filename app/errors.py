@@ -11,7 +11,7 @@ from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException
 
 from app.channels import AllChannelsFailed, NoUsableChannel
-from app.upstream import UpstreamError, UpstreamTimeout
+from app.upstream import UpstreamError, UpstreamThrottled, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,10 @@ def handle_upstream_error(error: UpstreamError) -> Response:
     g.channel = error.channel
     if isinstance(error, UpstreamTimeout):
         return error_response(504, "RequestTimeOut", "The upstream service did not answer in time.")
+    if isinstance(error, UpstreamThrottled):  # a 429 DashScope's JSON did not come with
+        return error_response(
+            429, "Throttling", "Requests rate limit exceeded, please try again later."
+        )
     return error_response(503, "ServiceUnavailable", "The upstream service is unavailable.")
 
 

@@ -86,6 +86,14 @@ class UpstreamBrokenAnswer(UpstreamError):
     """The connection broke after sending, or the answer was not DashScope's JSON."""
 
 
+class UpstreamThrottled(UpstreamError):
+    """DashScope (or a front of it) answered 429, without DashScope's JSON error to relay."""
+
+    # A refusal: the request created nothing, and another channel may take it.
+    nothing_created = True
+    outcome = "throttled"
+
+
 @dataclass(frozen=True)
 class UpstreamAnswer:
     """An HTTP answer from DashScope: its status, its bytes (as sent, if UTF-8), and its JSON."""
@@ -424,6 +432,8 @@ def _decode(channel: Channel, status: int, body: bytes) -> UpstreamAnswer:
     except (ValueError, RecursionError):  # not UTF-8 (or 16, 32), not JSON, nested too deep
         data = None
     if not isinstance(data, dict):
+        if status == 429:  # what it says is clear without the body: too many requests
+            raise UpstreamThrottled(channel.name, "HTTP 429 answer is not a JSON object")
         raise UpstreamBrokenAnswer(channel.name, f"HTTP {status} answer is not a JSON object")
     if encoding != "utf-8":
         body = text.encode()

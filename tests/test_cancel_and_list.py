@@ -52,6 +52,18 @@ def test_cancel_passes_upstream_refusal_through(
     assert (response.status_code, response.json) == (400, refusal)
 
 
+def test_a_cancel_throttled_without_dashscopes_json_is_a_native_429(
+    client: FlaskClient, api_key: str, upstream: responses.RequestsMock
+) -> None:
+    submit(client, api_key, upstream, "t-1")
+    upstream.post(f"{PRIMARY}/api/v1/tasks/t-1/cancel", status=429, body="<html>slow</html>")
+
+    response = client.post(f"{TASKS}/t-1/cancel", headers=bearer(api_key))
+
+    assert (response.status_code, response.json["code"]) == (429, "Throttling")
+    assert response.json["request_id"] == response.headers["X-Request-Id"]
+
+
 def test_cancel_of_a_finished_task_is_refused_without_asking_upstream(
     client: FlaskClient, api_key: str, upstream: responses.RequestsMock
 ) -> None:
