@@ -118,7 +118,7 @@ def submit_with_failover(
             pool.report_failure(channel)
             if not exc.nothing_created:
                 raise  # the request may have created a task: a resend could bill twice
-            log.warning("upstream unreachable", extra={"channel": channel.name})
+            log.warning("upstream unreachable", extra={"channel": channel.name, "cause": exc.cause})
             continue
         if answer.status in (401, 403):
             seconds = pool.report_failure(channel, auth=True)

@@ -115,7 +115,9 @@ def handle_all_channels_failed(_error: AllChannelsFailed) -> Response:
 @bp.app_errorhandler(UpstreamError)
 def handle_upstream_error(error: UpstreamError) -> Response:
     """Map transport failures with DashScope to gateway errors."""
-    log.warning("upstream call failed: %s", error, extra={"channel": error.channel})
+    log.warning(
+        "upstream call failed: %s", error, extra={"channel": error.channel, "cause": error.cause}
+    )
     g.channel = error.channel
     if isinstance(error, UpstreamTimeout):
         return error_response(504, "RequestTimeOut", "The upstream service did not answer in time.")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from http.client import IncompleteRead, RemoteDisconnected
 from typing import Any, ClassVar
 
 import requests
@@ -17,10 +20,13 @@ from requests.utils import get_encoding_from_headers
 from urllib3.connectionpool import ConnectionPool
 from urllib3.exceptions import (
     ConnectTimeoutError,
+    DecodeError,
     HTTPError,
     MaxRetryError,
+    NameResolutionError,
     NewConnectionError,
     ReadTimeoutError,
+    SSLError,
 )
 from urllib3.util.retry import Retry
 
@@ -64,9 +70,15 @@ class UpstreamError(Exception):
     # How metrics and logs name this failure.
     outcome: ClassVar[str] = "broken"
 
-    def __init__(self, channel: str, detail: str) -> None:
+    def __init__(
+        self, channel: str, detail: str, *, cause: str | None = None, status: int | None = None
+    ) -> None:
         super().__init__(f"channel {channel}: {detail}")
         self.channel = channel
+        # What the upstream log line names it by: refused, dns, tls, timeout, reset...
+        self.cause = cause
+        # The HTTP status of an answer that came but could not be used.
+        self.status = status
 
 
 class UpstreamUnreachable(UpstreamError):
@@ -91,7 +103,7 @@ class UpstreamThrottled(UpstreamError):
 
     # A refusal: the request created nothing, and another channel may take it.
     nothing_created = True
-    outcome = "throttled"
+    outcome = "http_error"  # an answer with a status, as a JSON 429 is
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,43 @@ class UpstreamAnswer:
         """Return the task status in the answer, if any."""
         value = self.output.get("task_status")
         return value if isinstance(value, str) and value else None
+
+
+# The cause a failed call is logged with: the first of these met along its exception's chain
+# (requests' error, urllib3's, the socket's), outermost first. Types only: their text may hold
+# a URL.
+CAUSES: tuple[tuple[type[BaseException], str], ...] = (
+    (NameResolutionError, "dns"),
+    (socket.gaierror, "dns"),
+    (ConnectionRefusedError, "refused"),
+    (RemoteDisconnected, "closed"),  # before "reset": it is a ConnectionResetError too
+    (ConnectionResetError, "reset"),
+    (BrokenPipeError, "reset"),
+    (SSLError, "tls"),
+    (ssl.SSLError, "tls"),
+    (ssl.CertificateError, "tls"),
+    (TimeoutError, "timeout"),  # the socket's (urllib3's own timeouts wrap one)
+    (IncompleteRead, "cut_short"),
+    (DecodeError, "bad_content_encoding"),
+)
+
+
+def _cause_of(error: BaseException) -> str:
+    """Return the CAUSES name of a failure, else `other`."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for kind, cause in CAUSES:
+            if isinstance(current, kind):
+                return cause
+        # urllib3 keeps the error it wraps in `reason` (MaxRetryError) or in its arguments
+        # (ProtocolError), requests in its arguments, Python in the chain.
+        linked = (current.__cause__, current.__context__, getattr(current, "reason", None))
+        pending += [e for e in (*linked, *current.args) if isinstance(e, BaseException)]
+    return "other"
 
 
 def _urllib3_reason(exc: requests.ConnectionError) -> object:
@@ -343,9 +392,9 @@ class DashScopeClient:
         try:
             answer = self._exchange(channel, session, prepared)
         except UpstreamError as exc:
-            call.observe(time.perf_counter() - started, exc.outcome, None)
+            call.observe(time.perf_counter() - started, None, exc)
             raise
-        call.observe(time.perf_counter() - started, None, answer)
+        call.observe(time.perf_counter() - started, answer, None)
         return answer
 
     def _exchange(
@@ -363,23 +412,28 @@ class DashScopeClient:
             response = adapter.send(prepared, timeout=self.timeout, proxies={})
             # Read here, so that a body cut short fails as the call does.
             body = self._read_body(channel, response)
-        except requests.ConnectTimeout:
-            raise UpstreamUnreachable(channel.name, "connect timeout") from None
-        except requests.ReadTimeout:
-            raise UpstreamTimeout(channel.name, "read timeout") from None
+        except requests.ConnectTimeout as exc:
+            cause = _cause_of(exc)
+            raise UpstreamUnreachable(channel.name, "connect timeout", cause=cause) from None
+        except requests.ReadTimeout as exc:
+            raise UpstreamTimeout(channel.name, "read timeout", cause=_cause_of(exc)) from None
         except requests.ConnectionError as exc:
-            reason = _urllib3_reason(exc)
+            reason, cause = _urllib3_reason(exc), _cause_of(exc)
             if isinstance(reason, NewConnectionError | ConnectTimeoutError):
-                raise UpstreamUnreachable(channel.name, "connection failed") from None
+                raise UpstreamUnreachable(channel.name, "connection failed", cause=cause) from None
             if isinstance(reason, ReadTimeoutError):  # the body stalled after the headers came
-                raise UpstreamTimeout(channel.name, "read timeout") from None
-            raise UpstreamBrokenAnswer(channel.name, "connection lost after sending") from None
+                raise UpstreamTimeout(channel.name, "read timeout", cause=cause) from None
+            raise UpstreamBrokenAnswer(
+                channel.name, "connection lost after sending", cause=cause
+            ) from None
         except requests.RequestException as exc:
-            raise UpstreamBrokenAnswer(channel.name, type(exc).__name__) from None
-        except ReadTimeoutError:  # the body stalled after the headers came
-            raise UpstreamTimeout(channel.name, "read timeout") from None
+            cause = _cause_of(exc)
+            raise UpstreamBrokenAnswer(channel.name, type(exc).__name__, cause=cause) from None
+        except ReadTimeoutError as exc:  # the body stalled after the headers came
+            raise UpstreamTimeout(channel.name, "read timeout", cause=_cause_of(exc)) from None
         except HTTPError as exc:  # the body was cut short, or could not be decoded
-            raise UpstreamBrokenAnswer(channel.name, type(exc).__name__) from None
+            cause = _cause_of(exc)
+            raise UpstreamBrokenAnswer(channel.name, type(exc).__name__, cause=cause) from None
         return _decode(channel, response.status_code, body)
 
     def _read_body(self, channel: Channel, response: requests.Response) -> bytes:
@@ -406,7 +460,12 @@ class DashScopeClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 response.close()
-                raise UpstreamTimeout(channel.name, "read timeout: the answer came too slowly")
+                raise UpstreamTimeout(
+                    channel.name,
+                    "read timeout: the answer came too slowly",
+                    cause="timeout",
+                    status=response.status_code,
+                )
             # Still held once the body is read whole (urllib3 then returns it to its pool); and
             # urllib3 sets the socket's timeout again before the connection's next call.
             connection = raw.connection
@@ -417,7 +476,9 @@ class DashScopeClient:
 
 def _too_large(channel: Channel, status: int, limit: int) -> UpstreamBrokenAnswer:
     """Return the failure of an answer longer than the gateway reads."""
-    return UpstreamBrokenAnswer(channel.name, f"HTTP {status} answer over {limit} bytes")
+    return UpstreamBrokenAnswer(
+        channel.name, f"HTTP {status} answer over {limit} bytes", cause="too_large", status=status
+    )
 
 
 def _decode(channel: Channel, status: int, body: bytes) -> UpstreamAnswer:
@@ -432,9 +493,10 @@ def _decode(channel: Channel, status: int, body: bytes) -> UpstreamAnswer:
     except (ValueError, RecursionError):  # not UTF-8 (or 16, 32), not JSON, nested too deep
         data = None
     if not isinstance(data, dict):
+        detail = f"HTTP {status} answer is not a JSON object"
         if status == 429:  # what it says is clear without the body: too many requests
-            raise UpstreamThrottled(channel.name, "HTTP 429 answer is not a JSON object")
-        raise UpstreamBrokenAnswer(channel.name, f"HTTP {status} answer is not a JSON object")
+            raise UpstreamThrottled(channel.name, detail, cause="throttled", status=status)
+        raise UpstreamBrokenAnswer(channel.name, detail, cause="not_json", status=status)
     if encoding != "utf-8":
         body = text.encode()
     return UpstreamAnswer(status=status, body=body, data=data)
@@ -460,28 +522,35 @@ class _Call:
         template = "/api/v1/tasks/{task_id}" + (task["action"] or "")
         return cls(channel.name, operation, method, template, task["task_id"])
 
-    def observe(self, seconds: float, failure: str | None, answer: UpstreamAnswer | None) -> None:
-        """Count the call, time it and log one line about it."""
-        if answer is None:
-            outcome, status = failure or UpstreamError.outcome, metrics.NO_STATUS
-        else:
+    def observe(
+        self, seconds: float, answer: UpstreamAnswer | None, failure: UpstreamError | None
+    ) -> None:
+        """Count the call, time it and log one line about it (and what made it fail)."""
+        if answer is not None:
             outcome = "ok" if 200 <= answer.status < 300 else "http_error"
-            status = str(answer.status)
+            code: int | None = answer.status
+        else:
+            outcome = failure.outcome if failure is not None else UpstreamError.outcome
+            code = failure.status if failure is not None else None
+        status = metrics.NO_STATUS if code is None else str(code)
         metrics.upstream_requests.labels(self.channel, self.operation, outcome, status).inc()
         metrics.upstream_request_duration.labels(self.channel, self.operation, outcome).observe(
             seconds
         )
+        cause = failure.cause if failure is not None else None
         log.log(
             logging.INFO if answer is not None else logging.WARNING,
-            "upstream %s: %s",
+            "upstream %s: %s%s",
             self.operation,
             outcome,
+            "" if cause is None else f" ({cause})",
             extra={
                 "channel": self.channel,
                 "method": self.method,
                 "path": self.path,
-                "status": answer.status if answer is not None else None,
+                "status": code,
                 "outcome": outcome,
+                "cause": cause,
                 "duration_ms": round(seconds * 1000, 1),
                 "upstream_request_id": answer.request_id if answer is not None else None,
                 "task_id": self.task_id or (answer.task_id if answer is not None else None),

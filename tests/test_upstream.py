@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import re
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +18,7 @@ import requests
 import responses
 
 from app.config import Channel
+from app.observability.logs import json_formatter
 from app.upstream import (
     BASE_HEADERS,
     ChannelAdapter,
@@ -23,6 +26,7 @@ from app.upstream import (
     UpstreamBrokenAnswer,
     UpstreamError,
     UpstreamTimeout,
+    UpstreamUnreachable,
 )
 
 UPSTREAM_KEY = "sk-upstream-0123456789"
@@ -335,8 +339,9 @@ def test_a_body_that_stops_halfway_is_a_typed_failure(
 class _RawServer:
     """A listening socket whose connections each get the request head read, then `answer`."""
 
-    def __init__(self, answer: Callable[[socket.socket], None]) -> None:
+    def __init__(self, answer: Callable[[socket.socket], None], read_head: bool = True) -> None:
         self.answer = answer
+        self.read_head = read_head
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.origin = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.errors: list[BaseException] = []
@@ -350,7 +355,7 @@ class _RawServer:
             except OSError:
                 return  # closed: the test is over
             with conn:
-                head = b""
+                head = b"" if self.read_head else b"\r\n\r\n"
                 while b"\r\n\r\n" not in head:
                     head += conn.recv(65536)
                 try:
@@ -367,12 +372,12 @@ class _RawServer:
 
 
 @pytest.fixture
-def raw_server() -> Iterator[Callable[[Callable[[socket.socket], None]], _RawServer]]:
+def raw_server() -> Iterator[Callable[..., _RawServer]]:
     """Return a starter of raw answering servers, closed after the test."""
     started: list[_RawServer] = []
 
-    def start(answer: Callable[[socket.socket], None]) -> _RawServer:
-        started.append(_RawServer(answer))
+    def start(answer: Callable[[socket.socket], None], read_head: bool = True) -> _RawServer:
+        started.append(_RawServer(answer, read_head))
         return started[-1]
 
     yield start
@@ -388,7 +393,7 @@ def _head(status: str = "200 OK", **headers: str) -> bytes:
 
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 def test_the_read_timeout_bounds_the_whole_answer_not_each_read(
-    raw_server: Callable[[Callable[[socket.socket], None]], _RawServer], framing: str
+    raw_server: Callable[..., _RawServer], framing: str
 ) -> None:
     body = json.dumps(ANSWER).encode()
 
@@ -413,7 +418,7 @@ def test_the_read_timeout_bounds_the_whole_answer_not_each_read(
 
 
 def test_an_answer_that_comes_in_pieces_within_the_timeout_is_read(
-    raw_server: Callable[[Callable[[socket.socket], None]], _RawServer],
+    raw_server: Callable[..., _RawServer],
 ) -> None:
     body = json.dumps(ANSWER).encode()
 
@@ -446,7 +451,7 @@ def _sender_of(megabytes: int, sent: list[int], **headers: str) -> Callable[[soc
 
 
 def test_an_answer_over_max_answer_bytes_by_its_length_is_never_read(
-    raw_server: Callable[[Callable[[socket.socket], None]], _RawServer],
+    raw_server: Callable[..., _RawServer],
 ) -> None:
     sent: list[int] = []
     server = raw_server(_sender_of(100, sent, Content_Length=str(100 * 2**20 + 9)))
@@ -461,7 +466,7 @@ def test_an_answer_over_max_answer_bytes_by_its_length_is_never_read(
 
 
 def test_an_answer_over_max_answer_bytes_without_a_length_is_cut_at_the_cap(
-    raw_server: Callable[[Callable[[socket.socket], None]], _RawServer],
+    raw_server: Callable[..., _RawServer],
 ) -> None:
     sent: list[int] = []
     server = raw_server(_sender_of(100, sent, Transfer_Encoding="chunked"))
@@ -476,7 +481,7 @@ def test_an_answer_over_max_answer_bytes_without_a_length_is_cut_at_the_cap(
 
 
 def test_a_compressed_answer_is_capped_after_decompression(
-    raw_server: Callable[[Callable[[socket.socket], None]], _RawServer],
+    raw_server: Callable[..., _RawServer],
 ) -> None:
     # 64 MiB of JSON in a few hundred kB of gzip: the cap is on what the gateway would hold.
     compressed = gzip.compress(b'{"pad": "' + b"x" * 64 * 2**20 + b'"}', compresslevel=1)
@@ -493,7 +498,7 @@ def test_a_compressed_answer_is_capped_after_decompression(
 
 
 def test_an_answer_of_exactly_max_answer_bytes_is_read(
-    raw_server: Callable[[Callable[[socket.socket], None]], _RawServer],
+    raw_server: Callable[..., _RawServer],
 ) -> None:
     limit = 200 * 1024
     body = b'{"request_id": "r", "pad": "' + b"x" * (limit - 30) + b'"}'
@@ -507,3 +512,85 @@ def test_an_answer_of_exactly_max_answer_bytes_is_read(
     client = DashScopeClient(2, 5, query_retries=0, max_answer_bytes=limit)
 
     assert client.query_task(channel(server.origin), "t-1").body == body
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _reset(conn: socket.socket) -> None:
+    # SO_LINGER with a zero timeout: close sends a RST, not a FIN.
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _silent(_conn: socket.socket) -> None:
+    time.sleep(1.0)  # past the client's read timeout
+
+
+def _half_body(conn: socket.socket) -> None:
+    conn.sendall(_head(Content_Length="100") + b'{"request_id"')
+
+
+def _plain_http(conn: socket.socket) -> None:
+    conn.sendall(_head(Content_Length="2") + b"{}")
+
+
+@pytest.mark.parametrize(
+    ("where", "failure", "cause"),
+    [
+        ("closed-port", UpstreamUnreachable, "refused"),
+        ("unknown-host", UpstreamUnreachable, "dns"),
+        ("tls-to-plain-http", UpstreamBrokenAnswer, "tls"),
+        ("silent", UpstreamTimeout, "timeout"),
+        ("reset", UpstreamBrokenAnswer, "reset"),
+        ("closed-without-answer", UpstreamBrokenAnswer, "closed"),
+        ("cut-short", UpstreamBrokenAnswer, "cut_short"),
+    ],
+)
+def test_a_failed_call_is_logged_with_its_cause_and_no_url_or_key(
+    raw_server: Callable[..., _RawServer],
+    caplog: pytest.LogCaptureFixture,
+    where: str,
+    failure: type[UpstreamError],
+    cause: str,
+) -> None:
+    answers: dict[str, Callable[[socket.socket], None]] = {
+        "tls-to-plain-http": _plain_http,
+        "silent": _silent,
+        "reset": _reset,
+        "closed-without-answer": lambda _conn: None,
+        "cut-short": _half_body,
+    }
+    if where == "closed-port":
+        base_url = f"http://127.0.0.1:{_closed_port()}"
+    elif where == "unknown-host":
+        base_url = "http://dashscope.invalid"
+    else:
+        tls = where.startswith("tls")
+        origin = raw_server(answers[where], read_head=not tls).origin  # no head in a handshake
+        base_url = origin.replace("http://", "https://") if tls else origin
+    client = DashScopeClient(2, 0.5, query_retries=0)
+
+    with pytest.raises(UpstreamError) as raised:
+        client.query_task(channel(base_url), "t-1")
+
+    assert type(raised.value) is failure
+    assert raised.value.cause == cause
+    [record] = [r for r in caplog.records if r.name == "bailian_gateway.upstream"]
+    assert (record.levelname, getattr(record, "cause", None)) == ("WARNING", cause)
+    assert record.getMessage() == f"upstream query: {failure.outcome} ({cause})"
+    line = json_formatter().format(record)
+    for secret in (UPSTREAM_KEY, base_url.split("//")[1]):
+        assert secret not in line
+
+
+def test_an_answered_call_is_logged_without_a_cause(
+    upstream: responses.RequestsMock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bailian_gateway")
+    DashScopeClient(1, 1, query_retries=0).query_task(channel("https://dashscope.test"), "t-1")
+
+    [record] = [r for r in caplog.records if r.name == "bailian_gateway.upstream"]
+    assert (record.getMessage(), getattr(record, "cause", "unset")) == ("upstream query: ok", None)
