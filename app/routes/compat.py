@@ -44,6 +44,7 @@ from app.upstream import (
     UpstreamAnswer,
     UpstreamBrokenAnswer,
     UpstreamError,
+    UpstreamThrottled,
 )
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,11 @@ def end_turn(_error: BaseException | None) -> None:
     if g.pop("has_turn", False):
         current_gateway().turns.give_up()
 
+
+# X-Gateway-Stale on a task query answered from the store because its refresh failed: DashScope
+# could not be asked (connection, timeout, broken answer), or answered an error or throttled it.
+STALE_UNREACHABLE = "upstream_unreachable"
+STALE_ERROR = "upstream_error"
 
 # DashScope's task ids are UUIDs; anything else is not one of ours and never reaches the database.
 TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -103,7 +109,9 @@ def get_task(task_id: str) -> Response:
     if not claim_due_refresh(task):
         return stored_answer(task, "fresh")
     answer = refresh_task(channel, task)
-    return stored_answer(task, "upstream_failed") if answer is None else native_response(answer)
+    if isinstance(answer, str):
+        return stored_answer(task, "upstream_failed", stale=answer)
+    return native_response(answer)
 
 
 @bp.post("/tasks/<task_id>/cancel")
@@ -273,15 +281,15 @@ def claim_due_refresh(task: Task) -> bool:
     return claim_refresh(gateway.engine, task.task_id, now, interval)
 
 
-def refresh_task(channel: Channel, task: Task) -> UpstreamAnswer | None:
-    """Ask the task's own channel about it and store what changed; None if it did not answer."""
+def refresh_task(channel: Channel, task: Task) -> UpstreamAnswer | str:
+    """Ask the task's own channel about it and store what changed; else say why it could not."""
     gateway = current_gateway()
     try:
         with gateway.turns.set_aside():
             answer = gateway.client.query_task(channel, task.task_id)
     except UpstreamError as exc:
         log.warning("task refresh failed, serving the last known status: %s", exc)
-        return None
+        return STALE_ERROR if isinstance(exc, UpstreamThrottled) else STALE_UNREACHABLE
     g.upstream_status = answer.status
     if answer.status != 200 or answer.task_status is None:
         # A channel fault (throttled, key refused, 5xx) is not the client's: the last
@@ -291,7 +299,7 @@ def refresh_task(channel: Channel, task: Task) -> UpstreamAnswer | None:
             answer.status,
             extra={"channel": channel.name},
         )
-        return None
+        return STALE_ERROR
     if answer_changed(task, answer):
         record_answer(
             gateway.engine, task.task_id, answer.task_status, answer.body.decode(), utcnow()
@@ -372,13 +380,16 @@ def epoch_ms(moment: datetime) -> int:
     return int(moment.replace(tzinfo=UTC).timestamp() * 1000)
 
 
-def stored_answer(task: Task, reason: str) -> Response:
+def stored_answer(task: Task, reason: str, stale: str | None = None) -> Response:
     """Answer with the last upstream body stored for the task, under this request's id."""
     metrics.task_queries.labels("store", reason).inc()
     members = members_after_request_id(task.upstream_body)
     # The request id is a UUID the gateway made: nothing in it needs escaping.
     body = f'{{"request_id": "{g.request_id}"{members}'
-    return Response(body, status=200, mimetype="application/json")
+    response = Response(body, status=200, mimetype="application/json")
+    if stale is not None:  # a poller would otherwise not know that nothing could be asked
+        response.headers["X-Gateway-Stale"] = stale
+    return response
 
 
 @lru_cache(maxsize=1024)
