@@ -12,7 +12,13 @@ import responses
 from flask import Flask
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
-from app.channels import AUTH_COOLDOWN, BASE_COOLDOWN, ChannelPool
+from app.channels import (
+    AUTH_COOLDOWN,
+    BASE_COOLDOWN,
+    FAILING_CALLS,
+    FAILING_WINDOW,
+    ChannelPool,
+)
 from app.config import Channel
 from tests.conftest import SUBMIT_PATH, bearer, new_key
 
@@ -274,3 +280,40 @@ def test_throttling_cools_down_only_the_throttled_model() -> None:
     assert pool.candidates("other") == [both]
     pool.report_failure(both)
     assert pool.candidates("other") == []
+
+
+def test_a_channel_is_failing_after_three_failed_calls_in_a_row_recently() -> None:
+    clock = FakeClock()
+    a, b = channel("a"), channel("b")
+    pool = ChannelPool([a, b], clock=clock)
+
+    pool.report_failure(a)
+    pool.record_call(a, failed=True)
+    assert pool.failing() == []  # two failures could be chance
+    pool.report_failure(a, auth=True)  # cools `a` down for AUTH_COOLDOWN
+    assert pool.failing() == ["a"]
+    clock.now += FAILING_WINDOW + 1
+    assert pool.failing() == ["a"]  # not called since, because it still sits out
+    clock.now += AUTH_COOLDOWN
+    assert pool.failing() == []  # nothing known for a long while
+    pool.record_call(a, failed=True)
+    assert pool.failing() == ["a"]  # the next call failed too
+    pool.record_call(a, failed=False)
+    assert pool.failing() == []
+
+
+def test_a_success_or_a_throttled_call_breaks_a_run_of_failures() -> None:
+    clock = FakeClock()
+    a = channel("a")
+    pool = ChannelPool([a], clock=clock)
+    for ending in (
+        lambda: pool.report_success(a, MODEL),
+        lambda: pool.report_failure(a, throttled_model=MODEL),  # the channel answered
+        lambda: pool.record_call(a, failed=False),
+    ):
+        for _ in range(FAILING_CALLS - 1):
+            pool.record_call(a, failed=True)
+        ending()
+        pool.record_call(a, failed=True)
+        assert pool.failing() == []
+        pool.record_call(a, failed=False)

@@ -289,8 +289,12 @@ def refresh_task(channel: Channel, task: Task) -> UpstreamAnswer | str:
             answer = gateway.client.query_task(channel, task.task_id)
     except UpstreamError as exc:
         log.warning("task refresh failed, serving the last known status: %s", exc)
-        return STALE_ERROR if isinstance(exc, UpstreamThrottled) else STALE_UNREACHABLE
+        throttled = isinstance(exc, UpstreamThrottled)
+        gateway.pool.record_call(channel, failed=not throttled)
+        return STALE_ERROR if throttled else STALE_UNREACHABLE
     g.upstream_status = answer.status
+    # The channel's key refused, or DashScope's own fault: the channel does not work.
+    gateway.pool.record_call(channel, failed=answer.status in (401, 403) or answer.status >= 500)
     if answer.status != 200 or answer.task_status is None:
         # A channel fault (throttled, key refused, 5xx) is not the client's: the last
         # known status is the better answer.
