@@ -32,8 +32,14 @@ def create_app(overrides: Mapping[str, Any] | None = None, *, upgrade_schema: bo
     environ = {**os.environ, **(overrides or {})}
     # The instance folder holds the default SQLite database and the journal.
     instance_path = environ.get("GATEWAY_INSTANCE_PATH") or None
-    app = Flask(__name__, instance_path=instance_path, instance_relative_config=True)
+    # No static folder: the gateway serves no files, and its route would answer OPTIONS itself.
+    app = Flask(
+        __name__, instance_path=instance_path, instance_relative_config=True, static_folder=None
+    )
     app.session_interface = NoCookieSessions()
+    # OPTIONS is no method of DashScope's API: it answers 405 with `Allow` from the errors
+    # blueprint, as any other method a route does not take, not Flask's empty text/html 200.
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     register_gateway(app, environ, upgrade_schema=upgrade_schema)
     register_observability(app)
     register_blueprints(app)
@@ -73,7 +79,10 @@ def register_gateway(
             database_url, settings.pool_size, settings.max_overflow, upgrade=upgrade_schema
         ),
         client=DashScopeClient(
-            settings.connect_timeout, settings.read_timeout, settings.query_retries
+            settings.connect_timeout,
+            settings.read_timeout,
+            settings.query_retries,
+            max_answer_bytes=settings.max_answer_bytes,
         ),
         pool=ChannelPool(settings.channels),
         callers=SharedCache(TTLCache(KEY_CACHE_SIZE, settings.key_cache_seconds)),

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from app.config import Channel
 from app.observability import metrics
-from app.upstream import DashScopeClient, UpstreamAnswer, UpstreamError
+from app.upstream import DashScopeClient, UpstreamAnswer, UpstreamError, UpstreamThrottled
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 BASE_COOLDOWN = 2.0
 MAX_COOLDOWN = 300.0
 AUTH_COOLDOWN = 600.0
+# /readyz lists a channel as failing when its last FAILING_CALLS calls in this process all
+# failed, the latest less than FAILING_WINDOW seconds ago or the channel still sitting out after
+# it (a channel that sits out is not called, and is no better for it).
+FAILING_CALLS = 3
+FAILING_WINDOW = 60.0
 
 
 class NoUsableChannel(Exception):
@@ -47,6 +52,8 @@ class ChannelPool:
         # for throttling, which DashScope applies per model and account.
         self._failures: dict[tuple[str, str | None], int] = {}
         self._cooling_until: dict[tuple[str, str | None], float] = {}
+        # Per channel: calls failed in a row (any operation), and when the last of them did.
+        self._failed_in_a_row: dict[str, tuple[int, float]] = {}
 
     def get(self, name: str) -> Channel | None:
         """Return the channel of that name, if it is still configured."""
@@ -75,6 +82,33 @@ class ChannelPool:
             for scope in {None, model}:
                 self._failures.pop((channel.name, scope), None)
                 self._cooling_until.pop((channel.name, scope), None)
+            self._failed_in_a_row.pop(channel.name, None)
+
+    def record_call(self, channel: Channel, *, failed: bool) -> None:
+        """Remember how a call that cools nothing down (a task query) ended, for readiness."""
+        with self._lock:
+            self._note_call(channel, failed=failed)
+
+    def _note_call(self, channel: Channel, *, failed: bool) -> None:
+        if failed:
+            count, _ = self._failed_in_a_row.get(channel.name, (0, 0.0))
+            self._failed_in_a_row[channel.name] = (count + 1, self._clock())
+        else:
+            self._failed_in_a_row.pop(channel.name, None)
+
+    def failing(self) -> list[str]:
+        """Return the names of the channels whose recent calls all failed, in config order."""
+        now = self._clock()
+        with self._lock:
+            return [
+                channel.name
+                for channel in self.channels
+                if self._failed_in_a_row.get(channel.name, (0, 0.0))[0] >= FAILING_CALLS
+                and (
+                    now - self._failed_in_a_row[channel.name][1] < FAILING_WINDOW
+                    or self._cooling_until.get((channel.name, None), 0.0) > now
+                )
+            ]
 
     def report_failure(
         self, channel: Channel, *, auth: bool = False, throttled_model: str | None = None
@@ -88,6 +122,8 @@ class ChannelPool:
                 AUTH_COOLDOWN if auth else min(MAX_COOLDOWN, BASE_COOLDOWN * 2 ** (failures - 1))
             )
             self._cooling_until[scope] = self._clock() + seconds
+            # A 429 is the channel answering: it works, for other models at least.
+            self._note_call(channel, failed=throttled_model is None)
         reason = "auth" if auth else "throttled" if throttled_model else "failure"
         metrics.channel_cooldowns.labels(channel.name, reason).inc()
         return seconds
@@ -111,15 +147,20 @@ def submit_with_failover(
     if not candidates:
         raise NoUsableChannel(model)
     throttled: tuple[Channel, UpstreamAnswer] | None = None
+    throttled_unsaid: UpstreamThrottled | None = None  # a 429 without DashScope's JSON
     for channel in candidates:
         before_send(channel)
         try:
             answer = client.submit_task(channel, service_path, body, client_headers)
+        except UpstreamThrottled as exc:
+            pool.report_failure(channel, throttled_model=model)
+            throttled_unsaid = exc
+            continue
         except UpstreamError as exc:
             pool.report_failure(channel)
             if not exc.nothing_created:
                 raise  # the request may have created a task: a resend could bill twice
-            log.warning("upstream unreachable", extra={"channel": channel.name})
+            log.warning("upstream unreachable", extra={"channel": channel.name, "cause": exc.cause})
             continue
         if answer.status in (401, 403):
             seconds = pool.report_failure(channel, auth=True)
@@ -143,4 +184,6 @@ def submit_with_failover(
         return channel, answer
     if throttled is not None:
         return throttled  # clients should back off, as DashScope asked
+    if throttled_unsaid is not None:
+        raise throttled_unsaid  # the same, in the gateway's words
     raise AllChannelsFailed(model)

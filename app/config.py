@@ -14,6 +14,8 @@ from app.schemas import first_error
 
 RESOLUTION_TIERS = ("480P", "720P", "1080P")
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
+# DashScope's answers are a few kilobytes; a task list of 100 tasks some tens.
+DEFAULT_MAX_ANSWER_BYTES = 1024 * 1024
 
 
 class ConfigError(Exception):
@@ -41,6 +43,7 @@ class Settings:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     query_retries: int = 2
+    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     key_cache_seconds: float = 5.0
     final_task_cache_size: int = 10_000
@@ -91,6 +94,7 @@ class _UpstreamSection(_StrictSchema):
     connect_timeout = fields.Float(validate=validate.Range(min=0, min_inclusive=False))
     read_timeout = fields.Float(validate=validate.Range(min=0, min_inclusive=False))
     query_retries = fields.Integer(strict=True, validate=validate.Range(min=0, max=10))
+    max_answer_bytes = fields.Integer(strict=True, validate=validate.Range(min=1024))
 
 
 class _ServerSection(_StrictSchema):

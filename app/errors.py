@@ -7,12 +7,13 @@ import logging
 from typing import Any
 
 from flask import Blueprint, Response, g, request
+from gunicorn.http.errors import ParseException
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 from app.channels import AllChannelsFailed, NoUsableChannel
 from app.submitting import WriteAheadFailed
-from app.upstream import UpstreamError, UpstreamTimeout
+from app.upstream import UpstreamError, UpstreamThrottled, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,17 @@ def handle_http_exception(error: HTTPException) -> Response:
     return response
 
 
+@bp.app_errorhandler(ParseException)
+def handle_malformed_body(_error: ParseException) -> Response:
+    """Refuse a chunked request body gunicorn could not parse (a bad chunk size or terminator)."""
+    # gunicorn parses a chunked body while the view reads it, so its parse errors surface here.
+    # (A body cut short is an OSError, which Werkzeug's stream already turns into a 400.) Their
+    # text quotes the client's bytes: it is not repeated.
+    return error_response(
+        400, "InvalidParameter", "The request body is not valid chunked transfer coding."
+    )
+
+
 @bp.app_errorhandler(NoUsableChannel)
 def handle_no_usable_channel(error: NoUsableChannel) -> Response:
     """Tell the client the model exists but cannot be served right now."""
@@ -105,11 +117,17 @@ def handle_all_channels_failed(_error: AllChannelsFailed) -> Response:
 @bp.app_errorhandler(UpstreamError)
 def handle_upstream_error(error: UpstreamError) -> Response:
     """Map transport failures with DashScope to gateway errors."""
-    log.warning("upstream call failed: %s", error, extra={"channel": error.channel})
+    log.warning(
+        "upstream call failed: %s", error, extra={"channel": error.channel, "cause": error.cause}
+    )
     g.channel = error.channel
     if isinstance(error, UpstreamTimeout):
         response = error_response(
             504, "RequestTimeOut", "The upstream service did not answer in time."
+        )
+    elif isinstance(error, UpstreamThrottled):  # a 429 DashScope's JSON did not come with
+        response = error_response(
+            429, "Throttling", "Requests rate limit exceeded, please try again later."
         )
     else:
         response = error_response(503, "ServiceUnavailable", "The upstream service is unavailable.")

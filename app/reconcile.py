@@ -42,7 +42,7 @@ from app.store.submissions import (
     record_orphan,
 )
 from app.store.tasks import archive_tasks, due_for_refresh
-from app.upstream import UpstreamError
+from app.upstream import UpstreamAnswer, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +380,10 @@ class Reconciler:
             ):
                 continue  # a client's query refreshed it meanwhile
             spent[channel.name] += 1
-            if self._throttled(channel, partial(refresh.refresh_task, self.gateway, channel, task)):
+            answer = self._throttled(
+                channel, partial(refresh.refresh_task, self.gateway, channel, task)
+            )
+            if isinstance(answer, UpstreamAnswer):
                 report.refreshed += 1
 
     def _throttled(self, channel: Channel, call: Callable[[], Any]) -> Any:

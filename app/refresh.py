@@ -11,18 +11,27 @@ from app.config import Channel
 from app.gateway import Gateway
 from app.observability import metrics
 from app.store import Task, record_answer, utcnow
-from app.upstream import UpstreamAnswer, UpstreamError
+from app.upstream import UpstreamAnswer, UpstreamError, UpstreamThrottled
 
 log = logging.getLogger(__name__)
 
 
-def refresh_task(gateway: Gateway, channel: Channel, task: Task) -> UpstreamAnswer | None:
-    """Ask the task's channel about it and store what changed; None if it did not answer."""
+# Why a task's last stored answer is served instead of a fresh one (X-Gateway-Stale).
+STALE_UNREACHABLE = "upstream_unreachable"
+STALE_ERROR = "upstream_error"
+
+
+def refresh_task(gateway: Gateway, channel: Channel, task: Task) -> UpstreamAnswer | str:
+    """Ask the task's channel about it and store what changed; else say why it could not."""
     try:
         answer = gateway.client.query_task(channel, task.task_id)
     except UpstreamError as exc:
         log.warning("task refresh failed, serving the last known status: %s", exc)
-        return None
+        throttled = isinstance(exc, UpstreamThrottled)
+        gateway.pool.record_call(channel, failed=not throttled)
+        return STALE_ERROR if throttled else STALE_UNREACHABLE
+    # The channel's key refused, or DashScope's own fault: the channel does not work.
+    gateway.pool.record_call(channel, failed=answer.status in (401, 403) or answer.status >= 500)
     if answer.status != 200 or answer.task_status is None:
         # A channel fault (throttled, key refused, 5xx) is not the client's: the last known
         # status is the better answer.
@@ -31,7 +40,7 @@ def refresh_task(gateway: Gateway, channel: Channel, task: Task) -> UpstreamAnsw
             answer.status,
             extra={"channel": channel.name},
         )
-        return None
+        return STALE_ERROR
     if answer_changed(task, answer):
         record_answer(
             gateway.engine, task.task_id, answer.task_status, answer.body.decode(), utcnow()

@@ -7,6 +7,12 @@ from typing import Any
 from marshmallow import EXCLUDE, INCLUDE, Schema, ValidationError, fields, validate
 
 MAX_SEED = 2_147_483_647
+# How deep a submit body may nest arrays and objects: DashScope's go three or four levels, and
+# deeper ones only cost the gateway stack and time.
+MAX_BODY_DEPTH = 64
+# The last task-list page asked for: far past any account's tasks (pages of up to 100), and
+# an offset that every database's integer holds (PostgreSQL's and SQLite's are 64-bit).
+MAX_PAGE_NO = 2_147_483_647
 TASK_STATUSES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN")
 # DashScope's task-list time filters: YYYYMMDDhhmmss (taken as UTC here).
 LIST_TIME_FORMAT = "%Y%m%d%H%M%S"
@@ -92,6 +98,22 @@ class VideoSynthesisRequestSchema(_OpenSchema):
 video_synthesis_request_schema = VideoSynthesisRequestSchema()
 
 
+def deeper_than(value: Any, limit: int) -> bool:
+    """Return whether a decoded JSON value nests arrays and objects more than `limit` deep."""
+    # Level by level rather than recursively: the value to check is the client's.
+    level = [value]
+    for _ in range(limit):
+        level = [
+            child
+            for item in level
+            if isinstance(item, dict | list)
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+        if not level:
+            return False
+    return any(isinstance(item, dict | list) for item in level)
+
+
 def first_error(messages: Any, path: str = "") -> str:
     """Return the first marshmallow error as `field.path: message`."""
     if isinstance(messages, dict):
@@ -118,7 +140,7 @@ class TaskListQuerySchema(Schema):
         # DashScope's own filters that mean nothing here (api_key_id, region) are ignored.
         unknown = EXCLUDE
 
-    page_no = fields.Integer(load_default=1, validate=validate.Range(min=1))
+    page_no = fields.Integer(load_default=1, validate=validate.Range(min=1, max=MAX_PAGE_NO))
     page_size = fields.Integer(load_default=10, validate=validate.Range(min=1, max=100))
     status = fields.String(validate=validate.OneOf(TASK_STATUSES))
     model_name = fields.String()

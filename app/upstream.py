@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from http.client import IncompleteRead, RemoteDisconnected
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
@@ -18,14 +21,17 @@ from requests.utils import get_encoding_from_headers
 from urllib3.connectionpool import ConnectionPool
 from urllib3.exceptions import (
     ConnectTimeoutError,
+    DecodeError,
     HTTPError,
     MaxRetryError,
+    NameResolutionError,
     NewConnectionError,
     ReadTimeoutError,
+    SSLError,
 )
 from urllib3.util.retry import Retry
 
-from app.config import Channel
+from app.config import DEFAULT_MAX_ANSWER_BYTES, Channel
 from app.observability import metrics
 
 log = logging.getLogger("bailian_gateway.upstream")
@@ -47,6 +53,12 @@ OPERATIONS: dict[str, tuple[str, dict[str, str]]] = {
 # Task paths (under /api/v1/), logged as templates so that one log field and one label group
 # every task.
 TASK_PATH = re.compile(r"tasks/(?P<task_id>[^/]+)(?P<action>/[a-z]+)?")
+# The most of an answer's body read at once: small enough not to allocate the whole cap for
+# each read, large enough that a big answer takes few of them.
+READ_CHUNK_BYTES = 64 * 1024
+# What an upstream request id keeps: visible ASCII, up to a length far past a UUID's.
+UNSAFE_REQUEST_ID_CHARACTERS = re.compile(r"[^!-~]+")
+MAX_REQUEST_ID_LENGTH = 128
 # Paths that requests' URL preparation returns unchanged: unreserved characters and slashes,
 # no dot (urllib3 resolves dot segments), no percent sign, query or fragment.
 PLAIN_PATH = re.compile(r"[A-Za-z0-9_~/-]*")
@@ -60,9 +72,15 @@ class UpstreamError(Exception):
     # How metrics and logs name this failure.
     outcome: ClassVar[str] = "broken"
 
-    def __init__(self, channel: str, detail: str) -> None:
+    def __init__(
+        self, channel: str, detail: str, *, cause: str | None = None, status: int | None = None
+    ) -> None:
         super().__init__(f"channel {channel}: {detail}")
         self.channel = channel
+        # What the upstream log line names it by: refused, dns, tls, timeout, reset...
+        self.cause = cause
+        # The HTTP status of an answer that came but could not be used.
+        self.status = status
 
 
 class UpstreamUnreachable(UpstreamError):
@@ -82,9 +100,17 @@ class UpstreamBrokenAnswer(UpstreamError):
     """The connection broke after sending, or the answer was not DashScope's JSON."""
 
 
+class UpstreamThrottled(UpstreamError):
+    """DashScope (or a front of it) answered 429, without DashScope's JSON error to relay."""
+
+    # A refusal: the request created nothing, and another channel may take it.
+    nothing_created = True
+    outcome = "http_error"  # an answer with a status, as a JSON 429 is
+
+
 @dataclass(frozen=True)
 class UpstreamAnswer:
-    """An HTTP answer from DashScope: its status, its bytes as sent, and its parsed JSON."""
+    """An HTTP answer from DashScope: its status, its bytes (as sent, if UTF-8), and its JSON."""
 
     status: int
     body: bytes
@@ -98,9 +124,14 @@ class UpstreamAnswer:
 
     @property
     def request_id(self) -> str | None:
-        """Return DashScope's request id."""
+        """Return DashScope's request id, fit for a response header and a log line."""
         value = self.data.get("request_id")
-        return value if isinstance(value, str) else None
+        if not isinstance(value, str):
+            return None
+        # It becomes X-Request-Id: a CR or LF would split the header, and anything but visible
+        # ASCII is no id DashScope makes (UUIDs), so it is dropped, as is a length no id has.
+        value = UNSAFE_REQUEST_ID_CHARACTERS.sub("", value)[:MAX_REQUEST_ID_LENGTH]
+        return value or None
 
     @property
     def task_id(self) -> str | None:
@@ -113,6 +144,43 @@ class UpstreamAnswer:
         """Return the task status in the answer, if any."""
         value = self.output.get("task_status")
         return value if isinstance(value, str) and value else None
+
+
+# The cause a failed call is logged with: the first of these met along its exception's chain
+# (requests' error, urllib3's, the socket's), outermost first. Types only: their text may hold
+# a URL.
+CAUSES: tuple[tuple[type[BaseException], str], ...] = (
+    (NameResolutionError, "dns"),
+    (socket.gaierror, "dns"),
+    (ConnectionRefusedError, "refused"),
+    (RemoteDisconnected, "closed"),  # before "reset": it is a ConnectionResetError too
+    (ConnectionResetError, "reset"),
+    (BrokenPipeError, "reset"),
+    (SSLError, "tls"),
+    (ssl.SSLError, "tls"),
+    (ssl.CertificateError, "tls"),
+    (TimeoutError, "timeout"),  # the socket's (urllib3's own timeouts wrap one)
+    (IncompleteRead, "cut_short"),
+    (DecodeError, "bad_content_encoding"),
+)
+
+
+def _cause_of(error: BaseException) -> str:
+    """Return the CAUSES name of a failure, else `other`."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for kind, cause in CAUSES:
+            if isinstance(current, kind):
+                return cause
+        # urllib3 keeps the error it wraps in `reason` (MaxRetryError) or in its arguments
+        # (ProtocolError), requests in its arguments, Python in the chain.
+        linked = (current.__cause__, current.__context__, getattr(current, "reason", None))
+        pending += [e for e in (*linked, *current.args) if isinstance(e, BaseException)]
+    return "other"
 
 
 def _urllib3_reason(exc: requests.ConnectionError) -> object:
@@ -201,9 +269,17 @@ def _origin(url: str) -> str:
 class DashScopeClient:
     """Submit tasks to and query tasks from DashScope channels."""
 
-    def __init__(self, connect_timeout: float, read_timeout: float, query_retries: int = 2) -> None:
+    def __init__(
+        self,
+        connect_timeout: float,
+        read_timeout: float,
+        query_retries: int = 2,
+        *,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
+    ) -> None:
         self.timeout = (connect_timeout, read_timeout)
         self.query_retries = query_retries
+        self.max_answer_bytes = max_answer_bytes
         self._local = threading.local()
         # The prepared request of each channel and operation, copied for every call.
         self._templates: dict[tuple[Channel, str], requests.PreparedRequest] = {}
@@ -325,9 +401,9 @@ class DashScopeClient:
         try:
             answer = self._exchange(channel, session, prepared)
         except UpstreamError as exc:
-            call.observe(time.perf_counter() - started, exc.outcome, None)
+            call.observe(time.perf_counter() - started, None, exc)
             raise
-        call.observe(time.perf_counter() - started, None, answer)
+        call.observe(time.perf_counter() - started, answer, None)
         return answer
 
     def _exchange(
@@ -343,36 +419,96 @@ class DashScopeClient:
             # No proxies (trust_env is off), said here so that requests does not work it out
             # again on every call.
             response = adapter.send(prepared, timeout=self.timeout, proxies={})
-            # Read here, so that a body cut short fails as the call does. One read of the raw
-            # response: requests' `content` walks a generator of 10 kB chunks around the same
-            # read (2% of a task query's CPU), wrapping urllib3's errors (caught below) on the way.
-            body = response.raw.read(decode_content=True)
-        except requests.ConnectTimeout:
-            raise UpstreamUnreachable(channel.name, "connect timeout") from None
-        except requests.ReadTimeout:
-            raise UpstreamTimeout(channel.name, "read timeout") from None
+            # Read here, so that a body cut short fails as the call does.
+            body = self._read_body(channel, response)
+        except requests.ConnectTimeout as exc:
+            cause = _cause_of(exc)
+            raise UpstreamUnreachable(channel.name, "connect timeout", cause=cause) from None
+        except requests.ReadTimeout as exc:
+            raise UpstreamTimeout(channel.name, "read timeout", cause=_cause_of(exc)) from None
         except requests.ConnectionError as exc:
-            reason = _urllib3_reason(exc)
+            reason, cause = _urllib3_reason(exc), _cause_of(exc)
             if isinstance(reason, NewConnectionError | ConnectTimeoutError):
-                raise UpstreamUnreachable(channel.name, "connection failed") from None
+                raise UpstreamUnreachable(channel.name, "connection failed", cause=cause) from None
             if isinstance(reason, ReadTimeoutError):  # the body stalled after the headers came
-                raise UpstreamTimeout(channel.name, "read timeout") from None
-            raise UpstreamBrokenAnswer(channel.name, "connection lost after sending") from None
-        except requests.RequestException as exc:
-            raise UpstreamBrokenAnswer(channel.name, type(exc).__name__) from None
-        except ReadTimeoutError:  # the body stalled after the headers came
-            raise UpstreamTimeout(channel.name, "read timeout") from None
-        except HTTPError as exc:  # the body was cut short, or could not be decoded
-            raise UpstreamBrokenAnswer(channel.name, type(exc).__name__) from None
-        try:
-            data = json.loads(body)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
+                raise UpstreamTimeout(channel.name, "read timeout", cause=cause) from None
             raise UpstreamBrokenAnswer(
-                channel.name, f"HTTP {response.status_code} answer is not a JSON object"
-            )
-        return UpstreamAnswer(status=response.status_code, body=body, data=data)
+                channel.name, "connection lost after sending", cause=cause
+            ) from None
+        except requests.RequestException as exc:
+            cause = _cause_of(exc)
+            raise UpstreamBrokenAnswer(channel.name, type(exc).__name__, cause=cause) from None
+        except ReadTimeoutError as exc:  # the body stalled after the headers came
+            raise UpstreamTimeout(channel.name, "read timeout", cause=_cause_of(exc)) from None
+        except HTTPError as exc:  # the body was cut short, or could not be decoded
+            cause = _cause_of(exc)
+            raise UpstreamBrokenAnswer(channel.name, type(exc).__name__, cause=cause) from None
+        return _decode(channel, response.status_code, body)
+
+    def _read_body(self, channel: Channel, response: requests.Response) -> bytes:
+        """Return the answer's decoded body: at most max_answer_bytes, read within the timeout."""
+        # Straight from urllib3's response: requests' `content` walks a generator of 10 kB chunks
+        # around the same reads (2% of a task query's CPU), wrapping urllib3's errors (caught by
+        # the caller) on the way.
+        raw = response.raw
+        limit = self.max_answer_bytes
+        if raw.length_remaining is not None and raw.length_remaining > limit:
+            response.close()  # unread: the connection cannot serve another call
+            raise _too_large(channel, response.status_code, limit)
+        # The socket's timeout bounds each read, not the answer: one that trickles in a byte at a
+        # time would hold the thread for as long as it lasts. So each read gets the time left.
+        deadline = time.monotonic() + self.timeout[1]
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := raw.read1(min(limit + 1 - size, READ_CHUNK_BYTES), decode_content=True):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                response.close()
+                raise _too_large(channel, response.status_code, limit)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                response.close()
+                raise UpstreamTimeout(
+                    channel.name,
+                    "read timeout: the answer came too slowly",
+                    cause="timeout",
+                    status=response.status_code,
+                )
+            # Still held once the body is read whole (urllib3 then returns it to its pool); and
+            # urllib3 sets the socket's timeout again before the connection's next call.
+            connection = raw.connection
+            if connection is not None and connection.sock is not None:
+                connection.sock.settimeout(left)
+        return b"".join(chunks)
+
+
+def _too_large(channel: Channel, status: int, limit: int) -> UpstreamBrokenAnswer:
+    """Return the failure of an answer longer than the gateway reads."""
+    return UpstreamBrokenAnswer(
+        channel.name, f"HTTP {status} answer over {limit} bytes", cause="too_large", status=status
+    )
+
+
+def _decode(channel: Channel, status: int, body: bytes) -> UpstreamAnswer:
+    """Return the answer with its JSON object, its body re-encoded as UTF-8 if it came otherwise."""
+    # JSON's own rules (RFC 8259, 8.1) tell UTF-8 from UTF-16 and UTF-32 and a BOM, as
+    # json.loads does for bytes. Decoded strictly here, so that what is stored (and read again
+    # with json.loads, as text) is UTF-8 that loads the same: no BOM, no lone surrogate.
+    encoding = json.detect_encoding(body)
+    try:
+        text = body.decode(encoding)
+        data = json.loads(text)
+    except (ValueError, RecursionError):  # not UTF-8 (or 16, 32), not JSON, nested too deep
+        data = None
+    if not isinstance(data, dict):
+        detail = f"HTTP {status} answer is not a JSON object"
+        if status == 429:  # what it says is clear without the body: too many requests
+            raise UpstreamThrottled(channel.name, detail, cause="throttled", status=status)
+        raise UpstreamBrokenAnswer(channel.name, detail, cause="not_json", status=status)
+    if encoding != "utf-8":
+        body = text.encode()
+    return UpstreamAnswer(status=status, body=body, data=data)
 
 
 @dataclass(frozen=True)
@@ -395,28 +531,35 @@ class _Call:
         template = "/api/v1/tasks/{task_id}" + (task["action"] or "")
         return cls(channel.name, operation, method, template, task["task_id"])
 
-    def observe(self, seconds: float, failure: str | None, answer: UpstreamAnswer | None) -> None:
-        """Count the call, time it and log one line about it."""
-        if answer is None:
-            outcome, status = failure or UpstreamError.outcome, metrics.NO_STATUS
-        else:
+    def observe(
+        self, seconds: float, answer: UpstreamAnswer | None, failure: UpstreamError | None
+    ) -> None:
+        """Count the call, time it and log one line about it (and what made it fail)."""
+        if answer is not None:
             outcome = "ok" if 200 <= answer.status < 300 else "http_error"
-            status = str(answer.status)
+            code: int | None = answer.status
+        else:
+            outcome = failure.outcome if failure is not None else UpstreamError.outcome
+            code = failure.status if failure is not None else None
+        status = metrics.NO_STATUS if code is None else str(code)
         metrics.upstream_requests.labels(self.channel, self.operation, outcome, status).inc()
         metrics.upstream_request_duration.labels(self.channel, self.operation, outcome).observe(
             seconds
         )
+        cause = failure.cause if failure is not None else None
         log.log(
             logging.INFO if answer is not None else logging.WARNING,
-            "upstream %s: %s",
+            "upstream %s: %s%s",
             self.operation,
             outcome,
+            "" if cause is None else f" ({cause})",
             extra={
                 "channel": self.channel,
                 "method": self.method,
                 "path": self.path,
-                "status": answer.status if answer is not None else None,
+                "status": code,
                 "outcome": outcome,
+                "cause": cause,
                 "duration_ms": round(seconds * 1000, 1),
                 "upstream_request_id": answer.request_id if answer is not None else None,
                 "task_id": self.task_id or (answer.task_id if answer is not None else None),

@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,6 +43,7 @@ def test_bench_smoke_runs_every_scenario_and_writes_the_report(tmp_path: Path) -
             median = result["median"]
             assert median["requests"] > 0, (case["id"], target)
             assert median["errors"] == 0, (case["id"], target, result["runs"])
+        # Measured to the nanosecond: handling any request at all (above) used some.
         assert case["targets"]["gateway"]["median"]["cpu_cores"] > 0
     if data["meta"]["nginx_reference"]:
         assert all("nginx" in case["targets"] for case in data["cases"])
@@ -58,17 +60,58 @@ def test_bench_smoke_runs_every_scenario_and_writes_the_report(tmp_path: Path) -
     assert len(data["checks"]) == 10
 
 
+def load_bench_module(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Import bench/NAME.py as the benchmark does, from its own directory."""
+    path = REPO_ROOT / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, f"bench_{name}", module)  # its dataclasses look it up
+    monkeypatch.setattr(sys, "path", list(sys.path))  # it puts bench/ on the path
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_times_count_less_than_a_clock_tick(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu_times = load_bench_module("services", monkeypatch).cpu_times
+    # A process that does a little work (well under a 10 ms clock tick) each time it is asked.
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfor _ in sys.stdin:\n    sum(range(20000))\n    print(flush=True)",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert worker.stdin is not None
+    assert worker.stdout is not None
+    try:
+        worker.stdin.write("\n")
+        worker.stdin.flush()
+        worker.stdout.readline()  # started and warm
+        used = []
+        for _ in range(5):
+            before = sum(cpu_times(worker.pid))
+            worker.stdin.write("\n")
+            worker.stdin.flush()
+            worker.stdout.readline()
+            used.append(sum(cpu_times(worker.pid)) - before)
+    finally:
+        worker.kill()
+        worker.wait()
+
+    # Whole ticks would read 0 or 10 ms and more: this work is neither.
+    assert all(0 < seconds < 0.005 for seconds in used), used
+    assert cpu_times(worker.pid) == (0.0, 0.0)  # gone
+
+
 def test_a_later_run_the_same_day_keeps_the_earlier_report(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spec = importlib.util.spec_from_file_location("bench_run", REPO_ROOT / "bench" / "run.py")
-    assert spec is not None
-    assert spec.loader is not None
-    bench_run = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_run", bench_run)  # its dataclasses look it up
-    monkeypatch.setattr(sys, "path", list(sys.path))  # it puts bench/ on the path
-    spec.loader.exec_module(bench_run)
-    unused_stem = bench_run.unused_stem
+    unused_stem = load_bench_module("run", monkeypatch).unused_stem
 
     assert unused_stem(tmp_path, "2026-11-24") == "2026-11-24"
     (tmp_path / "2026-11-24.md").write_text("first run")

@@ -52,6 +52,18 @@ def test_cancel_passes_upstream_refusal_through(
     assert (response.status_code, response.json) == (400, refusal)
 
 
+def test_a_cancel_throttled_without_dashscopes_json_is_a_native_429(
+    client: FlaskClient, api_key: str, upstream: responses.RequestsMock
+) -> None:
+    submit(client, api_key, upstream, "t-1")
+    upstream.post(f"{PRIMARY}/api/v1/tasks/t-1/cancel", status=429, body="<html>slow</html>")
+
+    response = client.post(f"{TASKS}/t-1/cancel", headers=bearer(api_key))
+
+    assert (response.status_code, response.json["code"]) == (429, "Throttling")
+    assert response.json["request_id"] == response.headers["X-Request-Id"]
+
+
 def test_cancel_of_a_finished_task_is_refused_without_asking_upstream(
     client: FlaskClient, api_key: str, upstream: responses.RequestsMock
 ) -> None:
@@ -125,10 +137,26 @@ def test_list_rejects_bad_filters_natively(client: FlaskClient, api_key: str) ->
     cases: list[tuple[str, Any]] = [
         ("page_size=1000", "page_size"),
         ("page_no=0", "page_no"),
+        # Past what a database integer holds: OverflowError (SQLite), DataError (PostgreSQL).
+        ("page_no=9223372036854775807", "page_no"),
+        ("page_no=2147483648", "page_no"),
+        ("page_no=-9223372036854775809", "page_no"),
+        (f"page_no={10**40}", "page_no"),
+        ("page_size=9223372036854775807", "page_size"),
+        ("page_size=-9223372036854775809", "page_size"),
         ("status=DONE", "status"),
         ("start_time=yesterday", "start_time"),
+        ("start_time=99999999999999", "start_time"),
+        ("end_time=00000101000000", "end_time"),
     ]
     for query, field in cases:
         response = client.get(f"{TASKS}?{query}", headers=bearer(api_key))
         assert (response.status_code, response.json["code"]) == (400, "InvalidParameter")
         assert response.json["message"].startswith(f"{field}: ")
+
+
+def test_the_last_page_number_allowed_is_an_empty_page(client: FlaskClient, api_key: str) -> None:
+    response = client.get(f"{TASKS}?page_no=2147483647&page_size=100", headers=bearer(api_key))
+
+    assert response.status_code == 200
+    assert (response.json["page_no"], response.json["data"]) == (2147483647, [])

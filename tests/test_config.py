@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +30,19 @@ def test_defaults_without_a_config_file() -> None:
     assert settings.channels == ()
     assert settings.offered_models == frozenset()
     assert settings.max_body_bytes == 20 * 1024 * 1024
+    assert settings.max_answer_bytes == 1024 * 1024
     assert settings.refresh_interval == 3
+
+
+def test_max_answer_bytes_reaches_the_upstream_client(
+    write_config: Callable[[str], str], tmp_path: Path
+) -> None:
+    path = write_config("[upstream]\nmax_answer_bytes = 4096\n")
+
+    assert load_settings({"GATEWAY_CONFIG": path}).max_answer_bytes == 4096
+    database = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    app = create_app({"GATEWAY_CONFIG": path, "GATEWAY_DATABASE_URL": database})
+    assert app.extensions["gateway"].client.max_answer_bytes == 4096
 
 
 @pytest.mark.parametrize(
@@ -42,6 +55,11 @@ def test_defaults_without_a_config_file() -> None:
         ("[uptream]\n", "unknown key 'uptream'; expected one of: upstream, server, tasks"),
         ("[upstream]\nread_timeout = 'slow'\n", "upstream.read_timeout: Not a valid number."),
         ("[upstream]\nread_timeout = 0\n", "upstream.read_timeout: Must be greater than 0"),
+        (
+            "[upstream]\nmax_answer_bytes = 100\n",
+            "upstream.max_answer_bytes: Must be greater than or equal to 1024.",
+        ),
+        ("[upstream]\nmax_answer_bytes = 1.5\n", "upstream.max_answer_bytes: Not a valid integer."),
         (
             '[[channels]]\nname = "a"\nbase_url = "http://x"\napi_key_env = "K"\nmodels = ["m"]\n'
             "colour = 1\n",

@@ -216,6 +216,26 @@ def test_errors_use_the_native_envelope(
     assert set(response.json) <= {"request_id", "code", "message", "data"}
 
 
+def test_options_on_every_route_is_a_native_405_with_allow(app: Flask, client: FlaskClient) -> None:
+    rules = list(app.url_map.iter_rules())
+    assert len(rules) > 5
+    urls = app.url_map.bind("gateway.test")
+    for rule in rules:
+        values = {"group": "video-generation", "task_id": "t"}
+        path = urls.build(rule.endpoint, {name: values[name] for name in rule.arguments})
+
+        response = client.options(path)
+
+        assert response.status_code == 405, rule.rule
+        assert response.mimetype == "application/json"
+        assert response.json["code"] == "MethodNotAllowed"
+        assert response.json["request_id"] == response.headers["X-Request-Id"]
+        allowed = set(response.headers["Allow"].split(", "))
+        assert allowed == set(rule.methods or ()) - {"OPTIONS"}, rule.rule
+        assert allowed
+        assert "OPTIONS" not in allowed
+
+
 def test_a_revoked_key_is_refused(app: Flask, client: FlaskClient) -> None:
     key = new_key(app)
     revoke_key(app.extensions["gateway"].engine, key)

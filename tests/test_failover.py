@@ -12,7 +12,13 @@ import responses
 from flask import Flask
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
-from app.channels import AUTH_COOLDOWN, BASE_COOLDOWN, ChannelPool
+from app.channels import (
+    AUTH_COOLDOWN,
+    BASE_COOLDOWN,
+    FAILING_CALLS,
+    FAILING_WINDOW,
+    ChannelPool,
+)
 from app.config import Channel
 from tests.conftest import SUBMIT_PATH, bearer, new_key
 
@@ -80,12 +86,13 @@ def hosts(upstream: responses.RequestsMock) -> list[str]:
     [
         {"body": refused(A)},
         {"status": 429, "json": {"request_id": "r", "code": "Throttling", "message": "m"}},
+        {"status": 429, "body": "<html><body>429 Too Many Requests</body></html>"},
         {"status": 500, "json": {"request_id": "r", "code": "InternalError", "message": "m"}},
         {"status": 503, "json": {"request_id": "r", "code": "ServiceUnavailable", "message": ""}},
         {"status": 401, "json": {"request_id": "r", "code": "InvalidApiKey", "message": "m"}},
         {"status": 403, "json": {"request_id": "r", "code": "AccessDenied", "message": "m"}},
     ],
-    ids=["refused", "429", "500", "503", "channel-key-401", "channel-key-403"],
+    ids=["refused", "429", "429-html", "500", "503", "channel-key-401", "channel-key-403"],
 )
 def test_submit_fails_over_when_nothing_was_created(
     failover_app: Flask, upstream: responses.RequestsMock, failure: dict[str, Any]
@@ -149,6 +156,40 @@ def test_all_channels_throttled_passes_429_through(
     response = submit(failover_app)
 
     assert (response.status_code, response.json) == (429, throttled)
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [
+        ["<html>429 Too Many Requests</html>"] * 3,
+        ["", "Too Many Requests", "[]"],
+        [{"request_id": "r", "code": "Throttling", "message": "m"}, "<html>", "<html>"],
+    ],
+    ids=["html-everywhere", "empty-text-and-array", "json-first"],
+)
+def test_a_429_without_dashscopes_json_stays_a_429_and_cools_the_model_down(
+    failover_app: Flask, upstream: responses.RequestsMock, answers: list[Any]
+) -> None:
+    for origin, answer in zip((A, B, C), answers, strict=True):
+        kind = "json" if isinstance(answer, dict) else "body"
+        upstream.post(origin + SERVICE, status=429, **{kind: answer})
+
+    response = submit(failover_app)
+    again = submit(failover_app)  # every channel sits this model out now: none is asked
+
+    assert response.status_code == 429
+    assert response.mimetype == "application/json"
+    if isinstance(answers[0], dict):  # DashScope's own answer wins over the gateway's words
+        assert response.json == answers[0]
+    else:
+        assert response.json["code"] == "Throttling"
+        assert response.json["request_id"] == response.headers["X-Request-Id"]
+        assert set(response.json) == {"request_id", "code", "message"}
+    assert hosts(upstream) == [A, B, C]
+    assert (again.status_code, again.json["code"]) == (503, "model_not_found")
+    pool = failover_app.extensions["gateway"].pool
+    assert all(pool.is_cooling(channel, MODEL) for channel in pool.channels)
+    assert not any(pool.is_cooling(channel, "another-model") for channel in pool.channels)
 
 
 def test_all_channels_down_is_503_then_cooling_channels_are_not_retried(
@@ -239,3 +280,40 @@ def test_throttling_cools_down_only_the_throttled_model() -> None:
     assert pool.candidates("other") == [both]
     pool.report_failure(both)
     assert pool.candidates("other") == []
+
+
+def test_a_channel_is_failing_after_three_failed_calls_in_a_row_recently() -> None:
+    clock = FakeClock()
+    a, b = channel("a"), channel("b")
+    pool = ChannelPool([a, b], clock=clock)
+
+    pool.report_failure(a)
+    pool.record_call(a, failed=True)
+    assert pool.failing() == []  # two failures could be chance
+    pool.report_failure(a, auth=True)  # cools `a` down for AUTH_COOLDOWN
+    assert pool.failing() == ["a"]
+    clock.now += FAILING_WINDOW + 1
+    assert pool.failing() == ["a"]  # not called since, because it still sits out
+    clock.now += AUTH_COOLDOWN
+    assert pool.failing() == []  # nothing known for a long while
+    pool.record_call(a, failed=True)
+    assert pool.failing() == ["a"]  # the next call failed too
+    pool.record_call(a, failed=False)
+    assert pool.failing() == []
+
+
+def test_a_success_or_a_throttled_call_breaks_a_run_of_failures() -> None:
+    clock = FakeClock()
+    a = channel("a")
+    pool = ChannelPool([a], clock=clock)
+    for ending in (
+        lambda: pool.report_success(a, MODEL),
+        lambda: pool.report_failure(a, throttled_model=MODEL),  # the channel answered
+        lambda: pool.record_call(a, failed=False),
+    ):
+        for _ in range(FAILING_CALLS - 1):
+            pool.record_call(a, failed=True)
+        ending()
+        pool.record_call(a, failed=True)
+        assert pool.failing() == []
+        pool.record_call(a, failed=False)

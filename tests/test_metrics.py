@@ -122,9 +122,11 @@ def test_requests_are_counted_by_endpoint_never_by_path(
         ),
         ({"body": refused(UPSTREAM_SUBMIT)}, 503, "unreachable", "none"),
         ({"body": requests.ReadTimeout("slow")}, 504, "timeout", "none"),
-        ({"status": 502, "body": "<html>bad gateway</html>"}, 503, "broken", "none"),
+        # An answer that came, unusable: its status is known.
+        ({"status": 502, "body": "<html>bad gateway</html>"}, 503, "broken", "502"),
+        ({"status": 429, "body": "<html>slow down</html>"}, 429, "http_error", "429"),
     ],
-    ids=["ok", "http_error", "unreachable", "timeout", "broken"],
+    ids=["ok", "http_error", "unreachable", "timeout", "broken", "throttled-html"],
 )
 def test_upstream_calls_are_counted_by_channel_outcome_and_status(
     client: FlaskClient,

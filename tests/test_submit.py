@@ -175,6 +175,53 @@ def test_malformed_bodies_get_native_errors(
     assert len(upstream.calls) == 0
 
 
+def nested(depth: int, innermost: Any = None) -> Any:
+    """Return `innermost` inside `depth` alternating arrays and objects."""
+    value = innermost
+    for level in range(depth):
+        value = [value] if level % 2 else {"x": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 2**20,  # 1 MiB: past the interpreter's stack
+        b'{"model": "wan2.5-t2v-preview", "input": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
+        json.dumps({**submit_body(), "extra": nested(64)}).encode(),  # 1 + 64 levels
+    ],
+    ids=["1-MiB-of-brackets", "5000-deep-inside-input", "65-levels"],
+)
+def test_bodies_nested_too_deeply_are_400_without_a_traceback(
+    client: FlaskClient,
+    api_key: str,
+    upstream: responses.RequestsMock,
+    caplog: pytest.LogCaptureFixture,
+    body: bytes,
+) -> None:
+    response = client.post(SUBMIT_PATH, data=body, headers=bearer(api_key))
+
+    assert response.status_code == 400
+    assert response.json["code"] == "InvalidParameter"
+    assert response.json["message"] == (
+        "The request body nests arrays and objects deeper than 64 levels."
+    )
+    assert len(upstream.calls) == 0
+    assert not [record for record in caplog.records if record.exc_info]
+
+
+def test_a_body_nested_64_levels_deep_is_forwarded(
+    client: FlaskClient, api_key: str, upstream: responses.RequestsMock
+) -> None:
+    upstream.post(UPSTREAM_SUBMIT, json=accepted())
+    body = json.dumps({**submit_body(), "extra": nested(63, 0)}).encode()  # 1 + 63 levels
+
+    response = client.post(SUBMIT_PATH, data=body, headers=bearer(api_key))
+
+    assert response.status_code == 200
+    assert upstream.calls[0].request.body == body
+
+
 def test_sdk_defaults_and_nulls_are_accepted(
     client: FlaskClient, api_key: str, upstream: responses.RequestsMock
 ) -> None:

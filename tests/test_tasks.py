@@ -56,6 +56,7 @@ def test_query_asks_the_creating_channel_and_returns_its_answer(
     response = client.get(f"/alibailian/api/v1/tasks/{TASK_ID}", headers=bearer(api_key))
 
     assert (response.status_code, response.json) == (200, running)
+    assert "X-Gateway-Stale" not in response.headers
     assert upstream.calls[1].request.headers["Authorization"] == f"Bearer {PRIMARY_UPSTREAM_KEY}"
     assert response.headers["X-Request-Id"] == "up-RUNNING"
 
@@ -108,6 +109,7 @@ def test_final_answers_are_served_from_the_store(
     # The stored answer names this request, the id its X-Request-Id header carries too.
     assert all(r.json["request_id"] == r.headers["X-Request-Id"] for r in again)
     assert len(upstream.calls) == 2  # submit + one query
+    assert not [r for r in again if "X-Gateway-Stale" in r.headers]  # final: nothing to ask
 
 
 def test_running_tasks_are_refreshed_at_most_once_per_interval(
@@ -129,19 +131,33 @@ def test_running_tasks_are_refreshed_at_most_once_per_interval(
 
 
 @pytest.mark.parametrize(
-    "failure",
+    ("failure", "stale"),
     [
-        {"body": requests.ConnectionError("refused")},
-        {"body": requests.ReadTimeout("slow")},
-        {"status": 429, "json": {"request_id": "r", "code": "Throttling", "message": "slow"}},
-        {"status": 401, "json": {"request_id": "r", "code": "InvalidApiKey", "message": "bad"}},
-        {"status": 500, "json": {"request_id": "r", "code": "InternalError", "message": "x"}},
-        {"status": 502, "body": "<html>bad gateway</html>"},
+        ({"body": requests.ConnectionError("refused")}, "upstream_unreachable"),
+        ({"body": requests.ReadTimeout("slow")}, "upstream_unreachable"),
+        ({"status": 502, "body": "<html>bad gateway</html>"}, "upstream_unreachable"),
+        (
+            {"status": 429, "json": {"request_id": "r", "code": "Throttling", "message": "slow"}},
+            "upstream_error",
+        ),
+        ({"status": 429, "body": "<html>too many requests</html>"}, "upstream_error"),
+        (
+            {"status": 401, "json": {"request_id": "r", "code": "InvalidApiKey", "message": "bad"}},
+            "upstream_error",
+        ),
+        (
+            {"status": 500, "json": {"request_id": "r", "code": "InternalError", "message": "x"}},
+            "upstream_error",
+        ),
     ],
-    ids=["refused", "timeout", "throttled", "channel-key-refused", "5xx", "html"],
+    ids=["refused", "timeout", "html", "throttled", "throttled-html", "channel-key-refused", "5xx"],
 )
-def test_a_failed_refresh_serves_the_last_known_status(
-    client: FlaskClient, api_key: str, upstream: responses.RequestsMock, failure: dict[str, Any]
+def test_a_failed_refresh_serves_the_last_known_status_and_says_it_is_stale(
+    client: FlaskClient,
+    api_key: str,
+    upstream: responses.RequestsMock,
+    failure: dict[str, Any],
+    stale: str,
 ) -> None:
     submit(client, api_key, upstream)
     upstream.get(UPSTREAM_TASK, **failure)
@@ -150,6 +166,26 @@ def test_a_failed_refresh_serves_the_last_known_status(
 
     assert response.status_code == 200
     assert response.json["output"] == {"task_id": TASK_ID, "task_status": "PENDING"}
+    assert response.headers["X-Gateway-Stale"] == stale
+
+
+def test_answers_upstream_gave_or_the_store_holds_fresh_are_not_stale(
+    make_app: Any, upstream: responses.RequestsMock
+) -> None:
+    app = make_app(BASE_CONFIG.replace("refresh_interval = 0", "refresh_interval = 60"))
+    client, key = app.test_client(), new_key(app)
+    upstream.post(
+        UPSTREAM_SUBMIT,
+        json={"request_id": "s", "output": {"task_id": TASK_ID, "task_status": "PENDING"}},
+    )
+    body = {"model": "wan2.5-t2v-preview", "input": {"prompt": "p"}}
+    url = f"/alibailian/api/v1/tasks/{TASK_ID}"
+    assert client.post(SUBMIT_PATH, json=body, headers=bearer(key)).status_code == 200
+
+    fresh = client.get(url, headers=bearer(key))  # refreshed less than an interval ago
+
+    assert fresh.json["output"]["task_status"] == "PENDING"
+    assert "X-Gateway-Stale" not in fresh.headers
 
 
 def test_a_stored_final_status_is_never_downgraded(

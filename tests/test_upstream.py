@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import logging
 import re
+import socket
+import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -14,6 +18,7 @@ import requests
 import responses
 
 from app.config import Channel
+from app.observability.logs import json_formatter
 from app.upstream import (
     BASE_HEADERS,
     ChannelAdapter,
@@ -21,6 +26,7 @@ from app.upstream import (
     UpstreamBrokenAnswer,
     UpstreamError,
     UpstreamTimeout,
+    UpstreamUnreachable,
 )
 
 UPSTREAM_KEY = "sk-upstream-0123456789"
@@ -328,3 +334,263 @@ def test_a_body_that_stops_halfway_is_a_typed_failure(
         assert UPSTREAM_KEY not in str(raised.value)
     finally:
         server.stop()
+
+
+class _RawServer:
+    """A listening socket whose connections each get the request head read, then `answer`."""
+
+    def __init__(self, answer: Callable[[socket.socket], None], read_head: bool = True) -> None:
+        self.answer = answer
+        self.read_head = read_head
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.origin = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed: the test is over
+            with conn:
+                head = b"" if self.read_head else b"\r\n\r\n"
+                while b"\r\n\r\n" not in head:
+                    head += conn.recv(65536)
+                try:
+                    self.answer(conn)
+                except OSError as exc:  # the client hung up: what some tests expect
+                    self.errors.append(exc)
+
+    def close(self) -> None:
+        """Stop accepting connections (again: a no-op)."""
+        if self.listener.fileno() != -1:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the thread's accept; close would not
+            self.listener.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[..., _RawServer]]:
+    """Return a starter of raw answering servers, closed after the test."""
+    started: list[_RawServer] = []
+
+    def start(answer: Callable[[socket.socket], None], read_head: bool = True) -> _RawServer:
+        started.append(_RawServer(answer, read_head))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()
+
+
+def _head(status: str = "200 OK", **headers: str) -> bytes:
+    lines = [f"HTTP/1.1 {status}", "Content-Type: application/json"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_the_read_timeout_bounds_the_whole_answer_not_each_read(
+    raw_server: Callable[..., _RawServer], framing: str
+) -> None:
+    body = json.dumps(ANSWER).encode()
+
+    def drip(conn: socket.socket) -> None:
+        if framing == "length":
+            conn.sendall(_head(Content_Length=str(len(body))))
+        else:
+            conn.sendall(_head(Transfer_Encoding="chunked"))
+        for byte in body:  # a byte every 0.2 s: each read is quick, the answer is not
+            piece = bytes([byte])
+            conn.sendall(piece if framing == "length" else b"1\r\n" + piece + b"\r\n")
+            time.sleep(0.2)
+
+    server = raw_server(drip)
+    client = DashScopeClient(2, 1.0, query_retries=0)
+    started = time.monotonic()
+
+    with pytest.raises(UpstreamTimeout):
+        client.query_task(channel(server.origin), "t-1")
+
+    assert time.monotonic() - started < 1.6  # the read timeout and one drip, not 14 s
+
+
+def test_an_answer_that_comes_in_pieces_within_the_timeout_is_read(
+    raw_server: Callable[..., _RawServer],
+) -> None:
+    body = json.dumps(ANSWER).encode()
+
+    def in_pieces(conn: socket.socket) -> None:
+        conn.sendall(_head(Content_Length=str(len(body))))
+        for start in range(0, len(body), 10):
+            conn.sendall(body[start : start + 10])
+            time.sleep(0.02)
+
+    server = raw_server(in_pieces)
+    answer = DashScopeClient(2, 2, query_retries=0).query_task(channel(server.origin), "t-1")
+
+    assert (answer.status, answer.body, answer.data) == (200, body, ANSWER)
+
+
+def _sender_of(megabytes: int, sent: list[int], **headers: str) -> Callable[[socket.socket], None]:
+    """Return an answer of `megabytes` MiB of a JSON string, counting the bytes sent."""
+
+    def send(conn: socket.socket) -> None:
+        conn.sendall(_head(**headers))
+        chunked = headers.get("Transfer_Encoding") == "chunked"
+        piece = b"x" * 2**20
+        sent.append(0)
+        conn.sendall(b'{"pad": "' if not chunked else b'9\r\n{"pad": "\r\n')
+        for _ in range(megabytes):
+            conn.sendall(piece if not chunked else b"%x\r\n%s\r\n" % (len(piece), piece))
+            sent[-1] += len(piece)
+
+    return send
+
+
+def test_an_answer_over_max_answer_bytes_by_its_length_is_never_read(
+    raw_server: Callable[..., _RawServer],
+) -> None:
+    sent: list[int] = []
+    server = raw_server(_sender_of(100, sent, Content_Length=str(100 * 2**20 + 9)))
+    client = DashScopeClient(2, 5, query_retries=0, max_answer_bytes=64 * 1024)
+
+    with pytest.raises(UpstreamBrokenAnswer, match="over 65536 bytes"):
+        client.query_task(channel(server.origin), "t-1")
+
+    server.close()
+    assert sent[0] < 100 * 2**20  # the gateway hung up: the server could not send it all
+    assert server.errors
+
+
+def test_an_answer_over_max_answer_bytes_without_a_length_is_cut_at_the_cap(
+    raw_server: Callable[..., _RawServer],
+) -> None:
+    sent: list[int] = []
+    server = raw_server(_sender_of(100, sent, Transfer_Encoding="chunked"))
+    client = DashScopeClient(2, 5, query_retries=0, max_answer_bytes=64 * 1024)
+
+    with pytest.raises(UpstreamBrokenAnswer, match="over 65536 bytes"):
+        client.query_task(channel(server.origin), "t-1")
+
+    server.close()
+    assert sent[0] < 100 * 2**20
+    assert server.errors
+
+
+def test_a_compressed_answer_is_capped_after_decompression(
+    raw_server: Callable[..., _RawServer],
+) -> None:
+    # 64 MiB of JSON in a few hundred kB of gzip: the cap is on what the gateway would hold.
+    compressed = gzip.compress(b'{"pad": "' + b"x" * 64 * 2**20 + b'"}', compresslevel=1)
+
+    def bomb(conn: socket.socket) -> None:
+        conn.sendall(_head(Content_Length=str(len(compressed)), Content_Encoding="gzip"))
+        conn.sendall(compressed)
+
+    server = raw_server(bomb)
+    client = DashScopeClient(2, 5, query_retries=0, max_answer_bytes=2**20)
+
+    with pytest.raises(UpstreamBrokenAnswer, match="over 1048576 bytes"):
+        client.query_task(channel(server.origin), "t-1")
+
+
+def test_an_answer_of_exactly_max_answer_bytes_is_read(
+    raw_server: Callable[..., _RawServer],
+) -> None:
+    limit = 200 * 1024
+    body = b'{"request_id": "r", "pad": "' + b"x" * (limit - 30) + b'"}'
+    assert len(body) == limit
+
+    def exact(conn: socket.socket) -> None:
+        conn.sendall(_head(Transfer_Encoding="chunked"))
+        conn.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+
+    server = raw_server(exact)
+    client = DashScopeClient(2, 5, query_retries=0, max_answer_bytes=limit)
+
+    assert client.query_task(channel(server.origin), "t-1").body == body
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _reset(conn: socket.socket) -> None:
+    # SO_LINGER with a zero timeout: close sends a RST, not a FIN.
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _silent(_conn: socket.socket) -> None:
+    time.sleep(1.0)  # past the client's read timeout
+
+
+def _half_body(conn: socket.socket) -> None:
+    conn.sendall(_head(Content_Length="100") + b'{"request_id"')
+
+
+def _plain_http(conn: socket.socket) -> None:
+    conn.sendall(_head(Content_Length="2") + b"{}")
+
+
+@pytest.mark.parametrize(
+    ("where", "failure", "cause"),
+    [
+        ("closed-port", UpstreamUnreachable, "refused"),
+        ("unknown-host", UpstreamUnreachable, "dns"),
+        ("tls-to-plain-http", UpstreamBrokenAnswer, "tls"),
+        ("silent", UpstreamTimeout, "timeout"),
+        ("reset", UpstreamBrokenAnswer, "reset"),
+        ("closed-without-answer", UpstreamBrokenAnswer, "closed"),
+        ("cut-short", UpstreamBrokenAnswer, "cut_short"),
+    ],
+)
+def test_a_failed_call_is_logged_with_its_cause_and_no_url_or_key(
+    raw_server: Callable[..., _RawServer],
+    caplog: pytest.LogCaptureFixture,
+    where: str,
+    failure: type[UpstreamError],
+    cause: str,
+) -> None:
+    answers: dict[str, Callable[[socket.socket], None]] = {
+        "tls-to-plain-http": _plain_http,
+        "silent": _silent,
+        "reset": _reset,
+        "closed-without-answer": lambda _conn: None,
+        "cut-short": _half_body,
+    }
+    if where == "closed-port":
+        base_url = f"http://127.0.0.1:{_closed_port()}"
+    elif where == "unknown-host":
+        base_url = "http://dashscope.invalid"
+    else:
+        tls = where.startswith("tls")
+        origin = raw_server(answers[where], read_head=not tls).origin  # no head in a handshake
+        base_url = origin.replace("http://", "https://") if tls else origin
+    client = DashScopeClient(2, 0.5, query_retries=0)
+
+    with pytest.raises(UpstreamError) as raised:
+        client.query_task(channel(base_url), "t-1")
+
+    assert type(raised.value) is failure
+    assert raised.value.cause == cause
+    [record] = [r for r in caplog.records if r.name == "bailian_gateway.upstream"]
+    assert (record.levelname, getattr(record, "cause", None)) == ("WARNING", cause)
+    assert record.getMessage() == f"upstream query: {failure.outcome} ({cause})"
+    line = json_formatter().format(record)
+    for secret in (UPSTREAM_KEY, base_url.split("//")[1]):
+        assert secret not in line
+
+
+def test_an_answered_call_is_logged_without_a_cause(
+    upstream: responses.RequestsMock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bailian_gateway")
+    DashScopeClient(1, 1, query_retries=0).query_task(channel("https://dashscope.test"), "t-1")
+
+    [record] = [r for r in caplog.records if r.name == "bailian_gateway.upstream"]
+    assert (record.getMessage(), getattr(record, "cause", "unset")) == ("upstream query: ok", None)

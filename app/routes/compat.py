@@ -20,6 +20,8 @@ from app.errors import ApiError, model_not_found, task_not_exist
 from app.gateway import current_gateway
 from app.observability import metrics
 from app.schemas import (
+    MAX_BODY_DEPTH,
+    deeper_than,
     first_error,
     task_list_query_schema,
     validation_message,
@@ -93,7 +95,9 @@ def get_task(task_id: str) -> Response:
     if not claim_due_refresh(task):
         return stored_answer(task, "fresh")
     answer = refresh_task(channel, task)
-    return stored_answer(task, "upstream_failed") if answer is None else native_response(answer)
+    if isinstance(answer, str):
+        return stored_answer(task, "upstream_failed", stale=answer)
+    return native_response(answer)
 
 
 @bp.post("/tasks/<task_id>/cancel")
@@ -145,8 +149,12 @@ def load_submit_body() -> tuple[bytes, str]:
         raise RequestEntityTooLarge()
     try:
         data = json.loads(body)
+    except RecursionError:  # nested past the interpreter's stack: far past MAX_BODY_DEPTH
+        raise nested_too_deeply() from None
     except ValueError:
         raise ApiError(400, "InvalidParameter", "The request body is not valid JSON.") from None
+    if deeper_than(data, MAX_BODY_DEPTH):
+        raise nested_too_deeply()
     if not isinstance(data, dict):
         raise ApiError(400, "InvalidParameter", "The request body must be a JSON object.")
     if data.get("model") in (None, ""):
@@ -162,6 +170,15 @@ def load_submit_body() -> tuple[bytes, str]:
         raise ApiError(400, "InvalidParameter", first_error(errors))
     g.model = data["model"]
     return body, data["model"]
+
+
+def nested_too_deeply() -> ApiError:
+    """Return the error for a submit body that nests past MAX_BODY_DEPTH."""
+    return ApiError(
+        400,
+        "InvalidParameter",
+        f"The request body nests arrays and objects deeper than {MAX_BODY_DEPTH} levels.",
+    )
 
 
 def forwarded_headers() -> dict[str, str]:
@@ -218,14 +235,15 @@ def claim_due_refresh(task: Task) -> bool:
     return claim_refresh(gateway.engine, task.task_id, now, interval)
 
 
-def refresh_task(channel: Channel, task: Task) -> UpstreamAnswer | None:
-    """Ask the task's own channel about it and store what changed; None if it did not answer."""
+def refresh_task(channel: Channel, task: Task) -> UpstreamAnswer | str:
+    """Ask the task's own channel about it and store what changed; else say why it could not."""
     gateway = current_gateway()
     with gateway.turns.set_aside():
         answer = refresh.refresh_task(gateway, channel, task)
-    if answer is not None:
-        g.upstream_status = answer.status
-        metrics.task_queries.labels("upstream", "refreshed").inc()
+    if isinstance(answer, str):
+        return answer
+    g.upstream_status = answer.status
+    metrics.task_queries.labels("upstream", "refreshed").inc()
     return answer
 
 
@@ -275,13 +293,16 @@ def epoch_ms(moment: datetime) -> int:
     return int(moment.replace(tzinfo=UTC).timestamp() * 1000)
 
 
-def stored_answer(task: Task, reason: str) -> Response:
+def stored_answer(task: Task, reason: str, stale: str | None = None) -> Response:
     """Answer with the last upstream body stored for the task, under this request's id."""
     metrics.task_queries.labels("store", reason).inc()
     members = members_after_request_id(task.upstream_body)
     # The request id is a UUID the gateway made: nothing in it needs escaping.
     body = f'{{"request_id": "{g.request_id}"{members}'
-    return Response(body, status=200, mimetype="application/json")
+    response = Response(body, status=200, mimetype="application/json")
+    if stale is not None:  # a poller would otherwise not know that nothing could be asked
+        response.headers["X-Gateway-Stale"] = stale
+    return response
 
 
 @lru_cache(maxsize=1024)

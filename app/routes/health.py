@@ -22,7 +22,7 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """Answer whether the database takes writes and channels are configured."""
+    """Answer whether the database takes writes and some configured channel works."""
     gateway = current_gateway()
     # The journal's backlog is worth knowing whatever else is true.
     journal = {"journal_lines": lines} if (lines := gateway.journal.lines()) else {}
@@ -32,6 +32,19 @@ def readyz() -> tuple[Response, int]:
     except SQLAlchemyError as exc:
         reason = f"database cannot be written: {type(exc).__name__}"
         return jsonify(status="unavailable", reason=reason, **journal), 503
-    if not gateway.settings.channels:
+    channels = len(gateway.settings.channels)
+    if not channels:
         return jsonify(status="unavailable", reason="no channels configured", **journal), 503
-    return jsonify(status="ok", channels=len(gateway.settings.channels), **journal), 200
+    # As this worker process saw them. Some failing channels leave the others to serve (and
+    # stored tasks to answer): only when every one fails is the instance not worth traffic.
+    failing = gateway.pool.failing()
+    if len(failing) == channels:
+        body = jsonify(
+            status="unavailable",
+            reason="every channel is failing",
+            channels=channels,
+            failing_channels=failing,
+            **journal,
+        )
+        return body, 503
+    return jsonify(status="ok", channels=channels, failing_channels=failing, **journal), 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -215,6 +216,54 @@ def test_chunked_body_over_20_mib_is_413(gateway: Gateway, keys: Keys) -> None:
     assert_native_error(response, 413, "BadRequest.TooLarge")
 
 
+def send_raw(gateway: Gateway, data: bytes) -> bytes:
+    """Send bytes as they are on a new connection; return all gunicorn answers until it closes."""
+    host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=HTTP_TIMEOUT) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def parse_answer(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Return the status, the headers (lower-case names) and the body of one raw HTTP answer."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.usefixtures("nothing_upstream")
+@pytest.mark.parametrize(
+    "chunks",
+    [b"zz\r\n{}\r\n0\r\n\r\n", b"2\r\n{}XX0\r\n\r\n", b"10\r\n{}"],
+    ids=["bad-chunk-size", "no-chunk-terminator", "cut-short"],
+)
+def test_a_malformed_chunked_body_is_a_native_400(
+    gateway: Gateway, keys: Keys, chunks: bytes
+) -> None:
+    head = (
+        f"POST {SUBMIT_PATH} HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {keys.alice}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    log_before = len(gateway.log_text())
+    status, headers, body = parse_answer(send_raw(gateway, head.encode() + chunks))
+    assert status == 400, body
+    assert headers["content-type"] == "application/json"
+    envelope = json.loads(body)
+    assert envelope["code"] == "InvalidParameter"
+    assert envelope["request_id"] == headers["x-request-id"]
+    assert set(envelope) == {"request_id", "code", "message"}
+    assert "zz" not in envelope["message"]
+    assert "Traceback" not in gateway.log_text()[log_before:]
+
+
 def test_ten_mb_image_as_data_url_is_forwarded(
     gateway: Gateway, keys: Keys, simulator: Simulator
 ) -> None:
@@ -290,6 +339,10 @@ def test_unknown_route_is_native_404(gateway: Gateway, keys: Keys, method: str, 
         ("PUT", SUBMIT_PATH, "POST"),
         ("DELETE", f"{API_PREFIX}/tasks/{uuid.uuid4()}", "GET"),
         ("POST", f"{API_PREFIX}/tasks/{uuid.uuid4()}", "GET"),
+        ("OPTIONS", SUBMIT_PATH, "POST"),
+        ("OPTIONS", f"{API_PREFIX}/tasks/{uuid.uuid4()}", "GET"),
+        ("OPTIONS", f"{API_PREFIX}/tasks", "GET"),
+        ("OPTIONS", "/readyz", "GET"),
     ],
 )
 def test_wrong_method_is_native_405(
@@ -300,6 +353,7 @@ def test_wrong_method_is_native_405(
     )
     assert_native_error(response, 405, "MethodNotAllowed")
     assert allowed in response.headers["Allow"]
+    assert "OPTIONS" not in response.headers["Allow"]
 
 
 # --------------------------------------------------------------------------- upstream trouble
