@@ -78,7 +78,7 @@ _hooks = gunicorn_hooks.Hooks(
     # An operator's log configuration may print where and by whom a line was logged.
     cheap_log_records=not _log_config_file,
 )
-on_starting = _hooks.on_starting  # an empty metrics directory for the workers
+on_starting = _hooks.on_starting  # a metrics directory for the workers; reloads checked first
 pre_fork = _hooks.pre_fork  # the CPU the new worker will run on
 post_fork = _hooks.post_fork  # pin it there; log lines off the request threads
 post_worker_init = _hooks.post_worker_init  # what the app was loaded with, out of GC passes

@@ -1,8 +1,9 @@
-"""The machinery gunicorn.conf.py's hooks run: JSON logs, CPU pinning, the metrics directory.
+"""The machinery gunicorn.conf.py's hooks run: JSON logs, CPU pinning, metrics, checked reloads.
 
 gunicorn.conf.py keeps the settings and assigns its hooks from a `Hooks` made here. This module
 imports nothing of the app: gunicorn's master imports it, and a HUP reload must not find app
-code already loaded.
+code already loaded. `python -m gunicorn_hooks check-settings FILE` checks a gunicorn settings
+file the way gunicorn reads it (the master runs it before a reload).
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import json
 import logging
 import os
 import queue
+import runpy
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import MutableMapping, Sequence
@@ -25,6 +29,7 @@ from gunicorn import glogging
 
 if TYPE_CHECKING:
     from gunicorn.arbiter import Arbiter
+    from gunicorn.config import Config
     from gunicorn.http.message import Request
     from gunicorn.http.wsgi import Response
     from gunicorn.workers.base import Worker
@@ -171,6 +176,81 @@ class _RecordQueueHandler(QueueHandler):
         return record
 
 
+# --------------------------------------------------------------------- reloads: checked first
+
+# What the master runs before a HUP reload: the gunicorn settings file, then the app's
+# configuration with the app's own loader. Each in a process of its own, so the master never
+# imports app code (the new workers must load it fresh) nor keeps a broken settings module.
+SETTINGS_CHECK = (sys.executable, "-m", "gunicorn_hooks", "check-settings")
+APP_CONFIG_CHECK = (sys.executable, "-m", "app.cli", "config", "check")
+CHECK_SECONDS = 60
+
+
+def check_settings_file(path: str) -> None:
+    """Run a gunicorn settings file and give each setting to gunicorn's own validation."""
+    from gunicorn.config import Config
+
+    config = Config()
+    for name, value in runpy.run_path(path).items():
+        if name in config.settings:
+            config.set(name, value)
+
+
+def _run_check(command: Sequence[str], cwd: str) -> str | None:
+    """Run one check; return None when it passed, else what it printed."""
+    try:
+        done = subprocess.run(  # noqa: S603 (this interpreter, fixed arguments)
+            list(command),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=CHECK_SECONDS,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{' '.join(command[1:])} could not run: {exc}"
+    if done.returncode == 0:
+        return None
+    printed = (done.stderr.strip() or done.stdout.strip()).splitlines()
+    # The last line is the mistake itself (an uncaught exception prints its traceback above).
+    return printed[-1] if printed else f"{' '.join(command[1:])} exited {done.returncode}"
+
+
+def reload_problem(cfg: Config) -> str | None:
+    """Return what is wrong with the files a reload would read, or None when they are fine."""
+    cwd = cfg.chdir or os.getcwd()
+    settings_file = cfg.config
+    if settings_file and not settings_file.startswith("python:"):
+        problem = _run_check([*SETTINGS_CHECK, settings_file.removeprefix("file:")], cwd)
+        if problem:
+            return f"{settings_file}: {problem}"
+    return _run_check(APP_CONFIG_CHECK, cwd)
+
+
+def install_checked_reload(server: Arbiter) -> None:
+    """Make the master check the configuration before a HUP reload, and refuse a bad one."""
+    reload = server.reload
+
+    def checked_reload() -> None:
+        # gunicorn's reload starts new workers, then stops the old ones whether the new ones
+        # boot or not; a worker that cannot boot then stops the master ("Worker failed to
+        # boot"). Refusing the reload up front keeps the running workers serving.
+        log = server.log
+        problem = reload_problem(server.cfg)
+        if problem is not None:
+            if log is not None:
+                log.error(
+                    "reload refused, the running workers keep serving: %s "
+                    "(fix it and send HUP again)",
+                    problem,
+                )
+            return
+        reload()
+
+    # An instance attribute: the arbiter's HUP handler calls self.reload().
+    server.reload = checked_reload  # type: ignore[method-assign]
+
+
 # ------------------------------------------------------------------------------- the hooks
 
 
@@ -188,7 +268,8 @@ class Hooks:
     # ---- the master
 
     def on_starting(self, server: Arbiter) -> None:
-        """Give the workers an empty directory to keep their Prometheus metrics in."""
+        """Give the workers an empty metrics directory; check reloads before they happen."""
+        install_checked_reload(server)
         directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if not directory:
             directory = tempfile.mkdtemp(prefix="bailian-gateway-metrics-")
@@ -286,3 +367,20 @@ def _pin_to_cpu(worker: Worker) -> None:
         worker.log.warning("worker stays on every CPU: cannot pin it to CPU %s (%s)", cpu, exc)
         return
     worker.log.info("worker pinned to CPU %s", cpu)
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run `check-settings FILE`: print the mistake and return 1, else return 0."""
+    if len(argv) != 2 or argv[0] != "check-settings":
+        print("usage: python -m gunicorn_hooks check-settings FILE", file=sys.stderr)
+        return 2
+    try:
+        check_settings_file(argv[1])
+    except BaseException as exc:  # a settings file can raise anything, SystemExit included
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
