@@ -1,12 +1,16 @@
-"""Operator commands: `bailian-gateway keys ...`, `db ...` and `reconcile`."""
+"""Operator commands: `bailian-gateway keys ...`, `db ...`, `reconcile` and `config check`."""
 
 from __future__ import annotations
+
+import os
+import sys
 
 import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, FlaskGroup, with_appcontext
 from sqlalchemy import Engine
 
+from app.config import ConfigError, Settings, load_settings
 from app.gateway import current_gateway
 from app.store import create_key, list_keys, revoke_key
 from app.store.schema import SchemaError, read_revision, upgrade_schema
@@ -93,6 +97,56 @@ def reconcile_command() -> None:
         click.echo(line)
 
 
+# Added to the console script itself, not to the app's CLI: checking must not build the app,
+# which opens the database.
+config_cli = click.Group("config", help="Check the configuration without starting anything.")
+
+
+@config_cli.command("check")
+@click.option(
+    "--file",
+    "path",
+    default=None,
+    metavar="FILE",
+    help="The TOML file to check (default: the one GATEWAY_CONFIG names).",
+)
+def check_config_command(path: str | None) -> None:
+    """Validate the file and the channel keys it names; print a summary, or the mistake."""
+    environ = dict(os.environ)
+    if path is not None:
+        environ["GATEWAY_CONFIG"] = path
+    try:
+        settings = load_settings(environ)
+    except ConfigError as exc:
+        # The very message the service stops with, so an operator can search the log for it.
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    click.echo(f"OK: {environ.get('GATEWAY_CONFIG') or 'no configuration file (GATEWAY_CONFIG)'}")
+    for line in _summary(settings):
+        click.echo(line)
+
+
+def _summary(settings: Settings) -> list[str]:
+    """Return the channels and the models offered, and what is served or priced but not offered."""
+    lines = [f"channels: {len(settings.channels)}"]
+    for channel in settings.channels:
+        lines.append(
+            f"  {channel.name}: {channel.base_url}, priority {channel.priority}, "
+            f"weight {channel.weight}, models {', '.join(sorted(channel.models))}"
+        )
+    offered = settings.offered_models
+    lines.append(
+        f"models offered: {len(offered)}" + (f": {', '.join(sorted(offered))}" if offered else "")
+    )
+    served = {model for channel in settings.channels for model in channel.models}
+    unpriced, unserved = sorted(served - offered), sorted(set(settings.prices) - offered)
+    if unpriced:
+        lines.append(f"not offered, no price: {', '.join(unpriced)}")
+    if unserved:
+        lines.append(f"not offered, no channel: {', '.join(unserved)}")
+    return lines
+
+
 def _create_app() -> Flask:
     from app import create_app
 
@@ -100,8 +154,13 @@ def _create_app() -> Flask:
 
 
 cli = FlaskGroup(create_app=_create_app, add_version_option=False, help="Operate bailian-gateway.")
+cli.add_command(config_cli)
 
 
 def main() -> None:
     """Run the `bailian-gateway` console script."""
     cli.main(prog_name="bailian-gateway")
+
+
+if __name__ == "__main__":  # `python -m app.cli`: what gunicorn's master runs before a reload
+    main()

@@ -595,8 +595,11 @@ def gunicorn_summary() -> str:
     try:
         os.environ.clear()
         os.environ.update(clean_environ() | {k: v for k, v in saved.items() if k == "PATH"})
+        # gunicorn runs its config file from the repository, whose modules it imports.
+        sys.path.insert(0, str(REPO_ROOT))
         conf = runpy.run_path(str(REPO_ROOT / "gunicorn.conf.py"))
     finally:
+        sys.path.remove(str(REPO_ROOT))
         os.environ.clear()
         os.environ.update(saved)
     return (

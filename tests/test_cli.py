@@ -1,8 +1,12 @@
-"""The operator CLI: keys create, list and revoke; db current and upgrade."""
+"""The operator CLI: keys create, list and revoke; db current and upgrade; config check."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from flask import Flask
@@ -10,11 +14,17 @@ from flask.testing import FlaskClient
 from sqlalchemy import inspect, text
 
 from app.cli import cli
+from app.config import ConfigError, load_settings
 from app.store.schema import HEAD_REVISION
 from app.store.tables import metadata
 from tests.conftest import BASE_CONFIG, INTL_UPSTREAM_KEY, PRIMARY_UPSTREAM_KEY, bearer
 from tests.fixtures import schema_8773b53 as old
 from tests.fixtures.old_database import ALICE_SECRET, BOB_SECRET, create_8773b53_database
+
+CHANNEL_KEYS = {
+    "PRIMARY_UPSTREAM_KEY": PRIMARY_UPSTREAM_KEY,
+    "INTL_UPSTREAM_KEY": INTL_UPSTREAM_KEY,
+}
 
 
 def test_keys_create_prints_a_working_key_on_the_last_line(app: Flask, client: FlaskClient) -> None:
@@ -138,3 +148,73 @@ def test_db_upgrade_refuses_tables_newer_than_the_baseline_without_a_revision(
     assert result.exit_code == 1
     assert "leases" in result.output
     assert "alembic stamp" in result.output
+
+
+# --------------------------------------------------------------------------- config check
+
+
+def config_check(*args: str, **environ: str) -> subprocess.CompletedProcess[str]:
+    """Run the real `bailian-gateway config check ARGS` with only these variables set."""
+    # A database nobody listens on: the check must not try to open it.
+    env = {
+        "PATH": os.environ["PATH"],
+        "GATEWAY_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:9/none",
+        **environ,
+    }
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "bailian-gateway"), "config", "check", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_config_check_prints_the_channels_and_the_offered_models(
+    write_config: Callable[[str], str],
+) -> None:
+    path = write_config(BASE_CONFIG)
+
+    done = config_check(GATEWAY_CONFIG=path, **CHANNEL_KEYS)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"OK: {path}\nchannels: 2\n")
+    assert "models offered: 3: wan2.2-t2v-plus, wan2.5-t2v-preview, wanx2.1-kf2v-plus" in (
+        done.stdout
+    )
+    assert PRIMARY_UPSTREAM_KEY not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "environ"),
+    [
+        pytest.param("[upstream\nread_timeout = 3\n", CHANNEL_KEYS, id="toml-typo"),
+        pytest.param(BASE_CONFIG, {"PRIMARY_UPSTREAM_KEY": PRIMARY_UPSTREAM_KEY}, id="key-unset"),
+        pytest.param("[server]\nmax_body_bytes = '1'\n", {}, id="wrong-type"),
+    ],
+)
+def test_config_check_fails_with_the_services_own_message(
+    write_config: Callable[[str], str], text: str, environ: dict[str, str]
+) -> None:
+    path = write_config(text)
+    with pytest.raises(ConfigError) as refused:  # what the service stops with at start-up
+        load_settings({"GATEWAY_CONFIG": path, **environ})
+
+    done = config_check(GATEWAY_CONFIG=path, **environ)
+
+    assert done.returncode == 1
+    assert done.stderr.strip() == str(refused.value)
+    assert done.stderr.startswith(f"{path}: ")
+    assert done.stdout == ""
+
+
+def test_config_check_file_option_wins_over_the_environment(
+    write_config: Callable[[str], str], tmp_path: Path
+) -> None:
+    good = write_config(BASE_CONFIG)
+
+    done = config_check("--file", good, GATEWAY_CONFIG=str(tmp_path / "gone.toml"), **CHANNEL_KEYS)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"OK: {good}\n")

@@ -1,4 +1,4 @@
-"""The hooks of the shipped gunicorn.conf.py, run in this process."""
+"""The hooks of the shipped gunicorn.conf.py (made by gunicorn_hooks.py), run in this process."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from gunicorn_hooks import Hooks
 
 CONF_PATH = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
 
@@ -172,29 +174,26 @@ class _Server:
         self.WORKERS = dict(enumerate(workers))
 
 
-def test_each_new_worker_goes_to_the_cpu_fewest_live_workers_run_on(
-    gunicorn_conf: ModuleType, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(gunicorn_conf, "_cpus", [0, 1, 2])
+def test_each_new_worker_goes_to_the_cpu_fewest_live_workers_run_on() -> None:
+    hooks = Hooks(cpus=[0, 1, 2], cheap_log_records=True)
     live: list[_Worker] = []
     for _ in range(5):
         worker = _Worker()
-        gunicorn_conf.pre_fork(_Server(live), worker)
+        hooks.pre_fork(_Server(live), worker)  # type: ignore[arg-type]
         live.append(worker)
     spread = [w.gateway_cpu for w in live]  # type: ignore[attr-defined]
 
     del live[1]  # the worker on CPU 1 died (or a reload replaced it)
     replacement = _Worker()
-    gunicorn_conf.pre_fork(_Server(live), replacement)
+    hooks.pre_fork(_Server(live), replacement)  # type: ignore[arg-type]
 
     assert spread == [0, 1, 2, 0, 1]
     assert replacement.gateway_cpu == 1  # type: ignore[attr-defined]
 
 
-def test_without_pinning_workers_get_no_cpu(
-    gunicorn_conf: ModuleType, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(gunicorn_conf, "_pin_workers", False)
+def test_without_pinning_workers_get_no_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_PIN_WORKERS", "false")
+    gunicorn_conf = load_gunicorn_conf()
     worker = _Worker()
     gunicorn_conf.pre_fork(_Server([]), worker)
     assert not hasattr(worker, "gateway_cpu")

@@ -12,7 +12,7 @@ from pythonjsonlogger.orjson import OrjsonFormatter
 GATEWAY_LOGGER = "bailian_gateway"
 ACCESS_LOGGER = "bailian_gateway.access"
 
-# gunicorn.conf.py builds the same formatter for gunicorn's own logs (it must not import the app,
+# gunicorn_hooks.py builds the same formatter for gunicorn's own logs (it must not import the app,
 # or a HUP would not load new code): keep the two in step.
 JSON_FORMAT: dict[str, Any] = {
     "fmt": "%(levelname)s %(name)s %(message)s",

@@ -436,6 +436,7 @@ def start_gateway(
     *,
     access_log: str | None = "-",
     own_runtime_dir: bool = True,
+    settings_file: str = "gunicorn.conf.py",
 ) -> Gateway:
     """Serve the gateway with gunicorn (2 workers x 8 threads) and wait until it answers.
 
@@ -443,7 +444,8 @@ def start_gateway(
     `access_log` is GATEWAY_ACCESS_LOG: by default "-" (to stdout, the same file as the rest,
     so the secrets audit covers it); None leaves it unset (gunicorn.conf.py's default, none).
     `own_runtime_dir` points XDG_RUNTIME_DIR at the workdir; False leaves it unset, so
-    gunicorn falls back to its defaults as on a machine without one.
+    gunicorn falls back to its defaults as on a machine without one. `settings_file` is
+    gunicorn's `-c` (the shipped gunicorn.conf.py unless a test gives a copy of its own).
     """
     backend = "sqlite" if database_url.startswith("sqlite") else "postgresql"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -478,7 +480,7 @@ def start_gateway(
             [
                 str(BIN_DIR / "gunicorn"),
                 "-c",
-                "gunicorn.conf.py",
+                settings_file,
                 "-b",
                 f"127.0.0.1:{port}",
                 "wsgi:app",

@@ -86,7 +86,7 @@ def serve(
     )
     started: list[Gateway] = []
 
-    def start(**extra: str) -> Gateway:
+    def start(settings_file: str = "gunicorn.conf.py", **extra: str) -> Gateway:
         server = start_gateway(
             tmp_path / f"gunicorn-{len(started)}",
             database_url,
@@ -94,6 +94,7 @@ def serve(
             {"GATEWAY_GRACEFUL_TIMEOUT": "30", **extra},
             access_log=None,
             own_runtime_dir=False,
+            settings_file=settings_file,
         )
         started.append(server)
         return server
@@ -158,6 +159,106 @@ def test_hup_lets_in_flight_requests_finish_on_the_old_workers(
 
     server.wait_for_log(lambda m: len(booted(m)) == 4 and set(old_workers) <= set(exited(m)))
     assert [query(server, key, task_id).status_code for task_id in task_ids] == [200] * 4
+    assert server.process.poll() is None
+
+
+ADDED_MODEL = "wan-e2e-added-on-reload"
+# What the fixed file adds: a model on the session's simulator, with a price, so it is offered.
+ADDED = f"""
+[[channels]]
+name = "sim-added"
+base_url = "{{base_url}}"
+api_key_env = "E2E_SIM_KEY"
+models = ["{ADDED_MODEL}"]
+
+[models."{ADDED_MODEL}".price_per_second]
+"480P" = 0.3
+"""
+# A channel whose key variable the master never had: exporting it in a shell after gunicorn
+# started does not reach the master (README, "Adding a channel").
+UNSET_KEY_CHANNEL = f"""
+[[channels]]
+name = "sim-new-key"
+base_url = "{{base_url}}"
+api_key_env = "E2E_KEY_EXPORTED_TOO_LATE"
+models = ["{ADDED_MODEL}"]
+"""
+
+
+def refusals(messages: list[str]) -> list[str]:
+    """Return the master's messages refusing a reload."""
+    return [m for m in messages if m.startswith("reload refused")]
+
+
+def submit_added(server: Gateway, key: str) -> requests.Response:
+    """Submit a task of the model the fixed configuration adds."""
+    return submit(server, key, model=ADDED_MODEL)
+
+
+@pytest.mark.parametrize(
+    ("mistake", "expected"),
+    [
+        pytest.param("\n[upstream\nread_timeout = 3\n", "not valid TOML", id="toml-typo"),
+        pytest.param(
+            UNSET_KEY_CHANNEL,
+            "channels[1].api_key_env: environment variable E2E_KEY_EXPORTED_TOO_LATE is not set",
+            id="channel-key-unset",
+        ),
+    ],
+)
+def test_a_reload_with_a_mistake_keeps_serving_and_the_fixed_file_applies(
+    serve: Callable[..., Gateway], simulator: Simulator, mistake: str, expected: str
+) -> None:
+    server = serve()
+    key = server.create_key("ops-reload-mistake")
+    server.wait_for_log(lambda m: len(booted(m)) == 2)
+    config = Path(server.env["GATEWAY_CONFIG"])
+    good = config.read_text()
+    config.write_text(good + mistake.format(base_url=simulator.url))
+
+    server.signal(signal.SIGHUP)
+    server.wait_for_log(lambda m: len(refusals(m)) == 1)
+
+    [refused] = refusals(server.messages())
+    assert f"{config}: " in refused
+    assert expected in refused
+    assert server.process.poll() is None
+    assert [submit(server, key).status_code for _ in range(4)] == [200] * 4
+    assert submit_added(server, key).status_code == 400  # not offered yet
+    messages = server.messages()
+    assert (len(booted(messages)), exited(messages)) == (2, [])  # the same workers serve
+
+    config.write_text(good + ADDED.format(base_url=simulator.url))
+    server.signal(signal.SIGHUP)
+    server.wait_for_log(lambda m: len(booted(m)) == 4 and len(exited(m)) == 2)
+
+    assert submit_added(server, key).status_code == 200
+    assert len(refusals(server.messages())) == 1
+    assert server.process.poll() is None
+
+
+def test_a_reload_with_a_broken_gunicorn_settings_file_keeps_serving(
+    serve: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    settings = tmp_path / "gunicorn.conf.py"
+    shipped = (Path(__file__).resolve().parents[2] / "gunicorn.conf.py").read_text()
+    settings.write_text(shipped)
+    server = serve(settings_file=str(settings))
+    server.wait_for_log(lambda m: len(booted(m)) == 2)
+    settings.write_text(
+        shipped + "\nthreads = int(os.environ.get('GATEWAY_NO_SUCH_VARIABLE', 'eight'))\n"
+    )
+
+    server.signal(signal.SIGHUP)
+    server.wait_for_log(lambda m: len(refusals(m)) == 1)
+
+    [refused] = refusals(server.messages())
+    assert str(settings) in refused
+    assert "ValueError: invalid literal for int() with base 10: 'eight'" in refused
+    assert requests.get(f"{server.url}/healthz", timeout=HTTP_TIMEOUT).status_code == 200
+    settings.write_text(shipped + "\nworkers = 3\n")
+    server.signal(signal.SIGHUP)
+    server.wait_for_log(lambda m: len(booted(m)) == 5 and len(exited(m)) == 2)
     assert server.process.poll() is None
 
 
