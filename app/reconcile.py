@@ -24,6 +24,8 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import refresh
+from app.billing.ledger import outstanding, unsettled_final_tasks
+from app.billing.settlement import settle
 from app.config import Channel
 from app.gateway import Gateway
 from app.journal import Entry
@@ -57,6 +59,8 @@ CLOCK_SKEW = timedelta(seconds=5)
 # Tasks moved out of the hot table per pass, in batches: enough to keep up with any submit rate
 # a deployment sees, small enough that no transaction holds the database for long.
 ARCHIVE_BATCH = 1000
+# Finished tasks left unsettled that one pass settles (each is one short transaction).
+SETTLE_PER_PASS = 5000
 ARCHIVE_PER_PASS = 50_000
 
 
@@ -68,6 +72,7 @@ class PassReport:
     adopted: int = 0
     not_created: int = 0
     refreshed: int = 0
+    settled: int = 0
     archived: int = 0
     skipped: bool = False
     errors: list[str] = field(default_factory=list)
@@ -80,7 +85,7 @@ class PassReport:
         text = (
             f"reconcile: {self.replayed} replayed, {self.adopted} adopted, "
             f"{self.not_created} created nothing, {self.refreshed} refreshed, "
-            f"{self.archived} archived"
+            f"{self.settled} settled, {self.archived} archived"
         )
         return text + (f", errors in: {', '.join(self.errors)}" if self.errors else "")
 
@@ -119,6 +124,7 @@ class Reconciler:
         try:
             self._step(report, "adoption", self.resolve_in_flight)
             self._step(report, "refresh", self.refresh_running)
+            self._step(report, "settlement", self.settle_finished)
             self._step(report, "retention", self.archive_expired)
         finally:
             self._step(report, "lease", lambda _r: self._release())
@@ -382,6 +388,16 @@ class Reconciler:
             spent[channel.name] += 1
             if self._throttled(channel, partial(refresh.refresh_task, self.gateway, channel, task)):
                 report.refreshed += 1
+
+    # ------------------------------------------------------------------ settlement
+
+    def settle_finished(self, report: PassReport) -> None:
+        """Settle finished tasks whose reservation is still held (a settlement that failed)."""
+        for task_id, status, usage in unsettled_final_tasks(self.gateway.engine, SETTLE_PER_PASS):
+            if settle(self.gateway, task_id, status, usage) is not None:
+                report.settled += 1
+                self._event(report, "task settled", logging.INFO, task_id=task_id, status=status)
+        metrics.reservations_outstanding.set(float(outstanding(self.gateway.engine)))
 
     def _throttled(self, channel: Channel, call: Callable[[], Any]) -> Any:
         """Make an upstream call no sooner than the channel's query budget allows."""

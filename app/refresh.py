@@ -7,6 +7,7 @@ import logging
 from functools import lru_cache
 from typing import Any
 
+from app.billing.settlement import settle
 from app.config import Channel
 from app.gateway import Gateway
 from app.observability import metrics
@@ -38,6 +39,9 @@ def refresh_task(gateway: Gateway, channel: Channel, task: Task) -> UpstreamAnsw
         )
     if answer.task_status != task.status:
         count_transition(task.status, answer.task_status)
+    # Recorded first: the charge is made from what the store holds (and the catch-up would
+    # find it there if this settlement failed).
+    settle(gateway, task.task_id, answer.task_status, answer.data.get("usage"))
     return answer
 
 
