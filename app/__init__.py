@@ -105,8 +105,10 @@ def register_reconciler(app: Flask) -> None:
 
 
 def register_cli(app: Flask) -> None:
-    """Add the `keys` and `reconcile` commands to `flask` and `bailian-gateway`."""
-    from app.cli import keys_cli, reconcile_command
+    """Add the `keys`, `accounts`, `usage` and `reconcile` commands to the CLI."""
+    from app.cli import accounts_cli, keys_cli, reconcile_command, usage_command
 
     app.cli.add_command(keys_cli)
+    app.cli.add_command(accounts_cli)
+    app.cli.add_command(usage_command)
     app.cli.add_command(reconcile_command)
