@@ -24,7 +24,8 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import refresh
-from app.billing.ledger import outstanding, unsettled_final_tasks
+from app.billing.ledger import Settlement, outstanding, unsettled_final_tasks
+from app.billing.prices import to_cent
 from app.billing.settlement import settle
 from app.config import Channel
 from app.gateway import Gateway
@@ -386,7 +387,9 @@ class Reconciler:
             ):
                 continue  # a client's query refreshed it meanwhile
             spent[channel.name] += 1
-            if self._throttled(channel, partial(refresh.refresh_task, self.gateway, channel, task)):
+            on_settled = partial(self._settled, report)
+            refreshing = partial(refresh.refresh_task, self.gateway, channel, task, on_settled)
+            if self._throttled(channel, refreshing):
                 report.refreshed += 1
 
     # ------------------------------------------------------------------ settlement
@@ -394,10 +397,17 @@ class Reconciler:
     def settle_finished(self, report: PassReport) -> None:
         """Settle finished tasks whose reservation is still held (a settlement that failed)."""
         for task_id, status, usage in unsettled_final_tasks(self.gateway.engine, SETTLE_PER_PASS):
-            if settle(self.gateway, task_id, status, usage) is not None:
-                report.settled += 1
-                self._event(report, "task settled", logging.INFO, task_id=task_id, status=status)
+            settled = settle(self.gateway, task_id, status, usage)
+            if settled is not None:
+                self._settled(report, settled)
         metrics.reservations_outstanding.set(float(outstanding(self.gateway.engine)))
+
+    def _settled(self, report: PassReport, settled: Settlement) -> None:
+        # app/billing/settlement.py logged it already: the report only keeps the line to print.
+        report.settled += 1
+        report.lines.append(
+            f"task settled task_id={settled.task_id} charged={to_cent(settled.charged)}"
+        )
 
     def _throttled(self, channel: Channel, call: Callable[[], Any]) -> Any:
         """Make an upstream call no sooner than the channel's query budget allows."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
+from app.billing.ledger import Settlement
 from app.billing.settlement import settle
 from app.config import Channel
 from app.gateway import Gateway
@@ -17,8 +19,13 @@ from app.upstream import UpstreamAnswer, UpstreamError
 log = logging.getLogger(__name__)
 
 
-def refresh_task(gateway: Gateway, channel: Channel, task: Task) -> UpstreamAnswer | None:
-    """Ask the task's channel about it and store what changed; None if it did not answer."""
+def refresh_task(
+    gateway: Gateway,
+    channel: Channel,
+    task: Task,
+    on_settled: Callable[[Settlement], None] | None = None,
+) -> UpstreamAnswer | None:
+    """Ask the task's channel about it, store what changed, settle it if it finished."""
     try:
         answer = gateway.client.query_task(channel, task.task_id)
     except UpstreamError as exc:
@@ -41,7 +48,9 @@ def refresh_task(gateway: Gateway, channel: Channel, task: Task) -> UpstreamAnsw
         count_transition(task.status, answer.task_status)
     # Recorded first: the charge is made from what the store holds (and the catch-up would
     # find it there if this settlement failed).
-    settle(gateway, task.task_id, answer.task_status, answer.data.get("usage"))
+    settled = settle(gateway, task.task_id, answer.task_status, answer.data.get("usage"))
+    if settled is not None and on_settled is not None:
+        on_settled(settled)
     return answer
 
 

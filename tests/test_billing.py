@@ -224,7 +224,7 @@ def test_the_reconciler_settles_a_finished_task_left_unsettled(
     later = Reconciler(gateway, sleep=lambda _s: None).run_pass()
 
     assert (report.settled, later.settled) == (1, 0)
-    assert "task settled task_id=t-left status=SUCCEEDED" in report.lines
+    assert "task settled task_id=t-left charged=3.00" in report.lines
     assert kinds(app)[1:] == [("charge", Decimal("3")), ("release", Decimal("1.5"))]
 
 
