@@ -122,9 +122,11 @@ def register_reconciler(app: Flask) -> None:
 
 
 def register_cli(app: Flask) -> None:
-    """Add the `keys`, `db` and `reconcile` commands to `flask` and `bailian-gateway`."""
-    from app.cli import db_cli, keys_cli, reconcile_command
+    """Add the `keys`, `db`, `accounts`, `usage` and `reconcile` commands to the CLI."""
+    from app.cli import accounts_cli, db_cli, keys_cli, reconcile_command, usage_command
 
     app.cli.add_command(keys_cli)
     app.cli.add_command(db_cli)
+    app.cli.add_command(accounts_cli)
+    app.cli.add_command(usage_command)
     app.cli.add_command(reconcile_command)

@@ -1,18 +1,25 @@
-"""Operator commands: `bailian-gateway keys ...`, `db ...`, `reconcile` and `config check`."""
+"""Operator commands: `bailian-gateway keys|accounts|usage|db|reconcile|config`."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 import sys
+from datetime import datetime, timedelta
+from decimal import Decimal
 
 import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, FlaskGroup, with_appcontext
 from sqlalchemy import Engine
 
+from app.billing import ledger
+from app.billing.prices import exact, stored, to_cent
 from app.config import ConfigError, Settings, load_settings
 from app.gateway import current_gateway
-from app.store import create_key, list_keys, revoke_key
+from app.store import create_key, list_keys, revoke_key, utcnow
 from app.store.schema import SchemaError, read_revision, upgrade_schema
 
 keys_cli = AppGroup("keys", help="Create, revoke and list gateway API keys.")
@@ -83,6 +90,167 @@ def db_upgrade_command() -> None:
             "the database is at a revision this release does not know (a newer release "
             "migrated it): nothing was changed"
         )
+
+
+accounts_cli = AppGroup("accounts", help="Spending limits, balances and adjustments of accounts.")
+
+# A negative amount (`-1.5`) is an argument, not an unknown option.
+AMOUNT_ARGUMENTS = {"ignore_unknown_options": True}
+
+
+def parse_amount(text: str, *, signed: bool) -> Decimal:
+    """Return an amount typed by an operator as an exact Decimal, or fail naming it."""
+    try:
+        amount = exact(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a number", param_hint="AMOUNT") from None
+    if not signed and amount < 0:
+        raise click.BadParameter("a limit cannot be negative", param_hint="AMOUNT")
+    return stored(amount)
+
+
+def _currency() -> str:
+    return current_gateway().settings.currency
+
+
+@accounts_cli.command("limit", context_settings=AMOUNT_ARGUMENTS)
+@click.argument("account")
+@click.argument("amount")
+@click.option(
+    "--per",
+    type=click.Choice([ledger.PER_MONTH, ledger.PER_TOTAL]),
+    default=ledger.PER_MONTH,
+    show_default=True,
+    help="A limit per calendar month (UTC), or in total (prepaid credit).",
+)
+def limit_command(account: str, amount: str, per: str) -> None:
+    """Set ACCOUNT's spending limit to AMOUNT (`none` removes it)."""
+    limit = (
+        None if amount.lower() == "none" else ledger.Limit(parse_amount(amount, signed=False), per)
+    )
+    try:
+        ledger.set_limit(current_gateway().engine, account, limit, utcnow())
+    except LookupError as exc:
+        raise click.ClickException(str(exc.args[0])) from None
+    if limit is None:
+        click.echo(f"Account {account!r} has no spending limit now.")
+    else:
+        period = "per month" if per == ledger.PER_MONTH else "in total"
+        click.echo(f"Account {account!r}: limit {to_cent(limit.amount)} {_currency()} {period}.")
+
+
+@accounts_cli.command("show")
+@click.argument("account")
+def show_command(account: str) -> None:
+    """Show ACCOUNT's limit, what it spent and holds reserved, what remains, tasks in flight."""
+    try:
+        view = ledger.show_account(current_gateway().engine, account, utcnow())
+    except LookupError as exc:
+        raise click.ClickException(str(exc.args[0])) from None
+    currency = _currency()
+    if view.limit is None:
+        click.echo(f"account:   {view.name}\nlimit:     none")
+    else:
+        per = "per month" if view.limit.per == ledger.PER_MONTH else "in total"
+        click.echo(
+            f"account:   {view.name}\nlimit:     {to_cent(view.limit.amount)} {currency} {per}"
+        )
+    click.echo(f"period:    {view.period}")
+    click.echo(f"spent:     {to_cent(view.spent)} {currency}")
+    click.echo(f"reserved:  {to_cent(view.reserved)} {currency}")
+    remaining = "unlimited" if view.remaining is None else f"{to_cent(view.remaining)} {currency}"
+    click.echo(f"remaining: {remaining}")
+    click.echo(f"in flight: {view.in_flight}")
+
+
+@accounts_cli.command("adjust", context_settings=AMOUNT_ARGUMENTS)
+@click.argument("account")
+@click.argument("amount")
+@click.option("--reason", required=True, help="Why: kept in the ledger row.")
+def adjust_command(account: str, amount: str, reason: str) -> None:
+    """Credit (positive AMOUNT) or debit (negative AMOUNT) ACCOUNT with a ledger row."""
+    value = parse_amount(amount, signed=True)
+    try:
+        ledger.adjust(current_gateway().engine, account, value, reason, utcnow())
+    except LookupError as exc:
+        raise click.ClickException(str(exc.args[0])) from None
+    what = "credited" if value >= 0 else "debited"
+    click.echo(f"Account {account!r} {what} {to_cent(abs(value))} {_currency()}.")
+
+
+def _day(text: str | None, name: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        return datetime.strptime(text, "%Y-%m-%d")
+    except ValueError:
+        raise click.BadParameter("expected YYYY-MM-DD", param_hint=name) from None
+
+
+@click.command("usage")
+@click.option("--account", default=None, help="Only this account.")
+@click.option("--model", default=None, help="Only this model.")
+@click.option("--since", default=None, help="From this day on (YYYY-MM-DD, UTC).")
+@click.option("--until", default=None, help="Up to and including this day (YYYY-MM-DD, UTC).")
+@click.option(
+    "--by",
+    "by",
+    multiple=True,
+    help="Group by account, model, day or key (repeat, or comma-separate).",
+)
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+)
+@with_appcontext
+def usage_command(
+    account: str | None,
+    model: str | None,
+    since: str | None,
+    until: str | None,
+    by: tuple[str, ...],
+    output: str,
+) -> None:
+    """Report charged amounts, seconds of video and tasks, summed from the ledger."""
+    groups = tuple(name.strip() for value in by for name in value.split(",") if name.strip())
+    for name in groups:
+        if name not in ledger.USAGE_GROUPS:
+            raise click.BadParameter(
+                f"{name!r}; expected one of {', '.join(ledger.USAGE_GROUPS)}", param_hint="--by"
+            )
+    end = _day(until, "--until")
+    rows = ledger.usage(
+        current_gateway().engine,
+        account=account,
+        model=model,
+        since=_day(since, "--since"),
+        until=end + timedelta(days=1) if end is not None else None,
+        by=groups,
+    )
+    currency = _currency()
+    header = [*groups, "kind", "tasks", "seconds", "amount", "currency"]
+    records = [
+        [*row.group, row.kind, str(row.tasks), str(row.seconds), str(row.amount), currency]
+        for row in rows
+    ]
+    if output == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(records)
+        click.echo(buffer.getvalue(), nl=False)
+    elif output == "json":
+        click.echo(json.dumps([dict(zip(header, record, strict=True)) for record in records]))
+    else:
+        shown = [[*r[:-3], r[-3], to_cent(Decimal(r[-2])), r[-1]] for r in records]
+        widths = [max(len(x) for x in column) for column in zip(header, *shown, strict=True)]
+        for line in [header, *shown]:
+            click.echo(
+                "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+            )
 
 
 @click.command("reconcile")

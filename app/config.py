@@ -6,13 +6,15 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
+from app.billing.prices import DEFAULT_DURATION, RESOLUTION_TIERS, ModelPricing
 from app.schemas import first_error
 
-RESOLUTION_TIERS = ("480P", "720P", "1080P")
+__all__ = ["RESOLUTION_TIERS", "Channel", "ConfigError", "Settings", "load_settings"]
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 # DashScope's answers are a few kilobytes; a task list of 100 tasks some tens.
 DEFAULT_MAX_ANSWER_BYTES = 1024 * 1024
@@ -65,7 +67,11 @@ class Settings:
     pool_size: int = 10
     max_overflow: int = 10
     channels: tuple[Channel, ...] = ()
-    prices: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    prices: Mapping[str, Mapping[str, Decimal]] = field(default_factory=dict)
+    # Prices and defaults of each model, exact (app/billing/prices.py).
+    pricing: Mapping[str, ModelPricing] = field(default_factory=dict)
+    # The unit prices, limits and reports are in.
+    currency: str = "CNY"
 
     @property
     def offered_models(self) -> frozenset[str]:
@@ -131,12 +137,28 @@ class _ChannelSection(_StrictSchema):
     weight = fields.Integer(strict=True, validate=validate.Range(min=1))
 
 
+class _Money(fields.Decimal):
+    """An exact amount written as a TOML number or a decimal string ("0.30")."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, bool):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 class _ModelSection(_StrictSchema):
     price_per_second = fields.Dict(
         keys=fields.String(validate=validate.OneOf(RESOLUTION_TIERS)),
-        values=fields.Float(validate=validate.Range(min=0)),
+        values=_Money(validate=validate.Range(min=0)),
         required=True,
+        validate=validate.Length(min=1),
     )
+    default_duration = _Money(validate=validate.Range(min=0, min_inclusive=False))
+    default_resolution = fields.String(validate=validate.OneOf(RESOLUTION_TIERS))
+
+
+class _BillingSection(_StrictSchema):
+    currency = fields.String(validate=validate.Length(min=1, max=16))
 
 
 class _ConfigFile(_StrictSchema):
@@ -146,12 +168,14 @@ class _ConfigFile(_StrictSchema):
     database = fields.Nested(_DatabaseSection)
     channels = fields.List(fields.Nested(_ChannelSection))
     models = fields.Dict(keys=fields.String(), values=fields.Nested(_ModelSection))
+    billing = fields.Nested(_BillingSection)
 
 
 def _read_file(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
-            raw = tomllib.load(handle)
+            # Decimals, not binary floats: a price written 0.34 is exactly 0.34.
+            raw = tomllib.load(handle, parse_float=Decimal)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
@@ -204,12 +228,30 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         for section in ("upstream", "server", "tasks", "database")
         for name, value in data.get(section, {}).items()
     }
+    pricing = _build_pricing(path, data.get("models", {}))
     return Settings(
         database_url=database_url,
         **scalars,
         channels=_build_channels(path, data.get("channels", []), environ),
-        prices={
-            model: dict(section["price_per_second"])
-            for model, section in data.get("models", {}).items()
-        },
+        prices={model: dict(p.price_per_second) for model, p in pricing.items()},
+        pricing=pricing,
+        currency=data.get("billing", {}).get("currency", "CNY"),
     )
+
+
+def _build_pricing(path: str, sections: Mapping[str, Any]) -> dict[str, ModelPricing]:
+    pricing: dict[str, ModelPricing] = {}
+    for model, section in sections.items():
+        prices = dict(section["price_per_second"])
+        default = section.get("default_resolution")
+        if default is not None and default not in prices:
+            raise ConfigError(
+                f"{path}: models.{model}.default_resolution: {default} has no price; "
+                f"priced: {', '.join(sorted(prices))}"
+            )
+        pricing[model] = ModelPricing(
+            price_per_second=prices,
+            default_duration=section.get("default_duration", DEFAULT_DURATION),
+            default_resolution=default,
+        )
+    return pricing

@@ -11,6 +11,8 @@ from gunicorn.http.errors import ParseException
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
+from app.billing.ledger import LimitExceeded
+from app.billing.prices import UnpricedTier
 from app.channels import AllChannelsFailed, NoUsableChannel
 from app.submitting import WriteAheadFailed
 from app.upstream import UpstreamError, UpstreamThrottled, UpstreamTimeout
@@ -136,6 +138,18 @@ def handle_upstream_error(error: UpstreamError) -> Response:
         # resends would pay twice. The gateway finds the task and records it for the account.
         response.headers["x-should-retry"] = "false"
     return response
+
+
+@bp.app_errorhandler(LimitExceeded)
+def handle_limit_exceeded(error: LimitExceeded) -> Response:
+    """Refuse a submit whose estimate does not fit the account's limit; nothing was sent."""
+    return error_response(400, "Arrearage", str(error))
+
+
+@bp.app_errorhandler(UnpricedTier)
+def handle_unpriced_tier(error: UnpricedTier) -> Response:
+    """Refuse a submit at a resolution the model has no price for; nothing was sent."""
+    return error_response(400, "InvalidParameter", str(error))
 
 
 @bp.app_errorhandler(WriteAheadFailed)

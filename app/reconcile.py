@@ -24,6 +24,9 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import refresh
+from app.billing.ledger import Settlement, outstanding, unsettled_final_tasks
+from app.billing.prices import to_cent
+from app.billing.settlement import settle
 from app.config import Channel
 from app.gateway import Gateway
 from app.journal import Entry
@@ -57,6 +60,8 @@ CLOCK_SKEW = timedelta(seconds=5)
 # Tasks moved out of the hot table per pass, in batches: enough to keep up with any submit rate
 # a deployment sees, small enough that no transaction holds the database for long.
 ARCHIVE_BATCH = 1000
+# Finished tasks left unsettled that one pass settles (each is one short transaction).
+SETTLE_PER_PASS = 5000
 ARCHIVE_PER_PASS = 50_000
 
 
@@ -68,6 +73,7 @@ class PassReport:
     adopted: int = 0
     not_created: int = 0
     refreshed: int = 0
+    settled: int = 0
     archived: int = 0
     skipped: bool = False
     errors: list[str] = field(default_factory=list)
@@ -80,7 +86,7 @@ class PassReport:
         text = (
             f"reconcile: {self.replayed} replayed, {self.adopted} adopted, "
             f"{self.not_created} created nothing, {self.refreshed} refreshed, "
-            f"{self.archived} archived"
+            f"{self.settled} settled, {self.archived} archived"
         )
         return text + (f", errors in: {', '.join(self.errors)}" if self.errors else "")
 
@@ -119,6 +125,7 @@ class Reconciler:
         try:
             self._step(report, "adoption", self.resolve_in_flight)
             self._step(report, "refresh", self.refresh_running)
+            self._step(report, "settlement", self.settle_finished)
             self._step(report, "retention", self.archive_expired)
         finally:
             self._step(report, "lease", lambda _r: self._release())
@@ -380,11 +387,27 @@ class Reconciler:
             ):
                 continue  # a client's query refreshed it meanwhile
             spent[channel.name] += 1
-            answer = self._throttled(
-                channel, partial(refresh.refresh_task, self.gateway, channel, task)
-            )
-            if isinstance(answer, UpstreamAnswer):
+            on_settled = partial(self._settled, report)
+            refreshing = partial(refresh.refresh_task, self.gateway, channel, task, on_settled)
+            if isinstance(self._throttled(channel, refreshing), UpstreamAnswer):
                 report.refreshed += 1
+
+    # ------------------------------------------------------------------ settlement
+
+    def settle_finished(self, report: PassReport) -> None:
+        """Settle finished tasks whose reservation is still held (a settlement that failed)."""
+        for task_id, status, usage in unsettled_final_tasks(self.gateway.engine, SETTLE_PER_PASS):
+            settled = settle(self.gateway, task_id, status, usage)
+            if settled is not None:
+                self._settled(report, settled)
+        metrics.reservations_outstanding.set(float(outstanding(self.gateway.engine)))
+
+    def _settled(self, report: PassReport, settled: Settlement) -> None:
+        # app/billing/settlement.py logged it already: the report only keeps the line to print.
+        report.settled += 1
+        report.lines.append(
+            f"task settled task_id={settled.task_id} charged={to_cent(settled.charged)}"
+        )
 
     def _throttled(self, channel: Channel, call: Callable[[], Any]) -> Any:
         """Make an upstream call no sooner than the channel's query budget allows."""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
+from app.billing.ledger import Settlement
+from app.billing.settlement import settle
 from app.config import Channel
 from app.gateway import Gateway
 from app.observability import metrics
@@ -21,8 +24,16 @@ STALE_UNREACHABLE = "upstream_unreachable"
 STALE_ERROR = "upstream_error"
 
 
-def refresh_task(gateway: Gateway, channel: Channel, task: Task) -> UpstreamAnswer | str:
-    """Ask the task's channel about it and store what changed; else say why it could not."""
+def refresh_task(
+    gateway: Gateway,
+    channel: Channel,
+    task: Task,
+    on_settled: Callable[[Settlement], None] | None = None,
+) -> UpstreamAnswer | str:
+    """Ask the task's channel about it, store what changed, settle it if it finished.
+
+    When it could not, say why (STALE_UNREACHABLE or STALE_ERROR).
+    """
     try:
         answer = gateway.client.query_task(channel, task.task_id)
     except UpstreamError as exc:
@@ -47,6 +58,11 @@ def refresh_task(gateway: Gateway, channel: Channel, task: Task) -> UpstreamAnsw
         )
     if answer.task_status != task.status:
         count_transition(task.status, answer.task_status)
+    # Recorded first: the charge is made from what the store holds (and the catch-up would
+    # find it there if this settlement failed).
+    settled = settle(gateway, task.task_id, answer.task_status, answer.data.get("usage"))
+    if settled is not None and on_settled is not None:
+        on_settled(settled)
     return answer
 
 

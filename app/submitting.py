@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from decimal import Decimal
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from tenacity import (
@@ -15,6 +18,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from app.billing.ledger import LimitExceeded, Reservation, Reserved
+from app.billing.prices import Estimate, estimate
 from app.channels import AllChannelsFailed, submit_with_failover
 from app.config import Channel
 from app.gateway import Gateway
@@ -31,6 +36,8 @@ from app.upstream import UpstreamAnswer, UpstreamBrokenAnswer, UpstreamError
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 class WriteAheadFailed(Exception):
     """The submission could not be written ahead, so nothing was sent to DashScope."""
@@ -45,11 +52,25 @@ class SubmitRequest:
     service_path: str
     body: bytes
     headers: Mapping[str, str]
+    # The body's `parameters`, when the caller has parsed it already.
+    parameters: Mapping[str, Any] | None = None
 
 
-def submit_paid(gateway: Gateway, request: SubmitRequest) -> tuple[Channel, UpstreamAnswer]:
-    """Send a submit written ahead, and record the task it created, before answering."""
-    submission = _Submission(gateway, request)
+@dataclass(frozen=True)
+class Submitted:
+    """DashScope's answer to a submit, the channel that gave it, and what was reserved."""
+
+    channel: Channel
+    answer: UpstreamAnswer
+    estimate: Estimate
+    # What remains of the account's limit after this submit's reservation; None: no limit.
+    remaining: Decimal | None
+
+
+def submit_paid(gateway: Gateway, request: SubmitRequest) -> Submitted:
+    """Reserve a submit's estimate, send it written ahead, record its task, then answer."""
+    cost = estimate(gateway.settings.pricing[request.model], _parameters_of(request))
+    submission = _Submission(gateway, request, Reservation(cost, gateway.settings.currency))
     metrics.submissions_in_flight.inc()
     try:
         channel, answer = submit_with_failover(
@@ -68,6 +89,10 @@ def submit_paid(gateway: Gateway, request: SubmitRequest) -> tuple[Channel, Upst
     except (AllChannelsFailed, WriteAheadFailed):
         submission.created_nothing()  # no channel tried created anything
         raise
+    except LimitExceeded:
+        offered = gateway.settings.offered_models
+        metrics.limit_refusals.labels(metrics.label_from(request.model, offered)).inc()
+        raise
     finally:
         metrics.submissions_in_flight.dec()
     if answer.status != 200:
@@ -76,23 +101,36 @@ def submit_paid(gateway: Gateway, request: SubmitRequest) -> tuple[Channel, Upst
         raise UpstreamBrokenAnswer(channel.name, "submit answer carries no task id")
     else:
         submission.accepted(channel, answer.task_id, answer)
-    return channel, answer
+    remaining = submission.reserved.remaining if submission.reserved else None
+    return Submitted(channel, answer, cost, remaining)
+
+
+def _parameters_of(request: SubmitRequest) -> Mapping[str, Any] | None:
+    if request.parameters is not None:
+        return request.parameters
+    try:
+        parameters = json.loads(request.body).get("parameters")
+    except (ValueError, AttributeError):
+        return None
+    return parameters if isinstance(parameters, dict) else None
 
 
 class _Submission:
     """One submit's row: written before the first attempt, moved on failover, resolved after."""
 
-    def __init__(self, gateway: Gateway, request: SubmitRequest) -> None:
+    def __init__(self, gateway: Gateway, request: SubmitRequest, reservation: Reservation) -> None:
         self.gateway = gateway
         self.request = request
+        self.reservation = reservation
         self.id: int | None = None
+        self.reserved: Reserved | None = None
 
     def before_send(self, channel: Channel) -> None:
-        """Write the submission (or its new channel) durably before the channel is called."""
+        """Write the submission and its reservation (or its new channel) before sending."""
         engine, now = self.gateway.engine, utcnow()
         try:
             if self.id is None:
-                self.id = _once_more_if_disconnected(
+                self.id, self.reserved = _once_more_if_disconnected(
                     lambda: write_ahead(
                         engine,
                         account_id=self.request.caller.account_id,
@@ -102,6 +140,7 @@ class _Submission:
                         service_path=self.request.service_path,
                         body_sha256=hashlib.sha256(self.request.body).hexdigest(),
                         now=now,
+                        reservation=self.reservation,
                     )
                 )
             else:
@@ -115,7 +154,7 @@ class _Submission:
             raise WriteAheadFailed() from None
 
     def created_nothing(self) -> None:
-        """Resolve the submission as one that created no task, if the database lets us."""
+        """Resolve the submission as one that created no task, releasing its reservation."""
         if self.id is None:
             return
         try:
@@ -181,7 +220,7 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError | InterfaceError)
 
 
-def _once_more_if_disconnected(write: Callable[[], int]) -> int:
+def _once_more_if_disconnected(write: Callable[[], T]) -> T:
     """Run a write, and once more if the pool's connection had been lost under it."""
     try:
         return write()

@@ -32,6 +32,9 @@ SUBMIT_PATHS = (
 SECONDS = r"(\d+(?:\.\d*)?|\.\d+)"
 SLEEP_MARKER = re.compile(rf"\[sleep={SECONDS}\]")
 ANSWER_AFTER_MARKER = re.compile(rf"\[answer-after={SECONDS}\]")
+# The seconds of video the SUCCEEDED answer's usage reports (fractional ones, as s2v's are).
+DURATION_MARKER = re.compile(rf"\[duration={SECONDS}\]")
+SIZE = re.compile(r"\s*(\d+)\s*\*\s*(\d+)\s*")
 
 # The task list's filters, as DashScope's console takes them: Beijing time, at most a day.
 LIST_STATUSES = ("PENDING", "RUNNING", "SUSPENDED", "SUCCEEDED", "FAILED", "CANCELED")
@@ -144,9 +147,28 @@ def parse_list_int(name: str, value: str | None, default: int, maximum: int) -> 
 
 
 def resolution_sr(parameters: dict[str, Any]) -> int:
-    """Turn a resolution like "720P" into the usage SR number (480 when absent or odd)."""
+    """Return the usage SR of a submit: its resolution ("720P"), else its size's shorter side."""
     value = str(parameters.get("resolution") or "").strip().upper().removesuffix("P")
-    return int(value) if value.isdigit() else 480
+    if value.isdigit():
+        return int(value)
+    size = SIZE.fullmatch(str(parameters.get("size") or ""))
+    if size is not None:
+        side = min(int(size.group(1)), int(size.group(2)))
+        # DashScope's tiers; a square or odd size reports the tier nearest in pixels.
+        if side in (480, 720, 1080):
+            return side
+        pixels = int(size.group(1)) * int(size.group(2))
+        return min((480, 720, 1080), key=lambda sr: abs(sr * sr * 16 // 9 - pixels))
+    return 480
+
+
+def usage_duration(prompt: str, parameters: dict[str, Any]) -> int | float:
+    """Return the seconds the usage reports: a [duration=S] marker, else as submitted, else 5."""
+    if match := DURATION_MARKER.search(prompt):
+        seconds = float(match.group(1))
+        return int(seconds) if seconds.is_integer() else seconds
+    duration = parameters.get("duration")
+    return duration if isinstance(duration, int | float) and not isinstance(duration, bool) else 5
 
 
 def create_simulator(config: dict[str, Any] | None = None) -> Flask:
@@ -396,7 +418,7 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
             )
             output["orig_prompt"] = task.prompt
             answer["usage"] = {
-                "duration": parameters.get("duration") or 5,
+                "duration": usage_duration(task.prompt, parameters),
                 "SR": resolution_sr(parameters),
                 "video_count": 1,
             }

@@ -108,8 +108,11 @@ def expand_rule(rule: str) -> list[str]:
 
 
 def offering(models: set[str]) -> str:
-    """Return a config whose one channel serves and prices every given model."""
-    prices = "".join(f'\n[models."{model}".price_per_second]\n"720P" = 0.5\n' for model in models)
+    """Return a config whose one channel serves and prices every given model (every tier)."""
+    prices = "".join(
+        f'\n[models."{model}".price_per_second]\n"480P" = 0.3\n"720P" = 0.5\n"1080P" = 1\n'
+        for model in models
+    )
     return f"""
 [[channels]]
 name = "primary"

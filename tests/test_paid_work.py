@@ -479,7 +479,7 @@ def test_bailian_gateway_reconcile_prints_what_it_did(
 
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-1] == (
-        "reconcile: 0 replayed, 0 adopted, 0 created nothing, 0 refreshed, 0 archived"
+        "reconcile: 0 replayed, 0 adopted, 0 created nothing, 0 refreshed, 0 settled, 0 archived"
     )
 
 

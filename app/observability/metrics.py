@@ -127,6 +127,25 @@ reconciler_errors = Counter(
 )
 
 
+# Money: what was charged and held, in the configured currency (floats for Prometheus only;
+# the ledger keeps the exact amounts).
+charged = Counter(
+    "bailian_gateway_charged",
+    "Amount charged for finished tasks, in the configured currency, by model.",
+    ["model"],
+)
+reservations_outstanding = prometheus_client.Gauge(
+    "bailian_gateway_reservations_outstanding",
+    "Amount reserved for submits not yet settled, every account, at the last reconciler pass.",
+    multiprocess_mode="mostrecent",
+)
+limit_refusals = Counter(
+    "bailian_gateway_limit_refusals",
+    "Submits refused with Arrearage because their estimate did not fit the account's limit.",
+    ["model"],
+)
+
+
 def label_from(value: str | None, allowed: Collection[str]) -> str:
     """Return the value if it belongs to the allowed set, else `other`."""
     return value if value is not None and value in allowed else OTHER

@@ -15,6 +15,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from app import refresh
 from app.auth import authenticate
+from app.billing.prices import to_cent
 from app.config import Channel
 from app.errors import ApiError, model_not_found, task_not_exist
 from app.gateway import current_gateway
@@ -36,7 +37,7 @@ from app.store import (
     list_owned_tasks,
     utcnow,
 )
-from app.submitting import SubmitRequest, submit_paid
+from app.submitting import SubmitRequest, Submitted, submit_paid
 from app.upstream import (
     FORWARDED_SUBMIT_HEADERS,
     UpstreamAnswer,
@@ -70,17 +71,22 @@ TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 def submit_video_synthesis(group: str) -> Response:
     """Forward a video-synthesis submit unchanged and remember which account owns the task."""
     caller = authenticate()
-    body, model = load_submit_body()
+    body, model, parameters = load_submit_body()
     ensure_model_allowed(caller, model)
     gateway = current_gateway()
     submit = SubmitRequest(
-        caller, model, f"services/aigc/{group}/video-synthesis", body, forwarded_headers()
+        caller,
+        model,
+        f"services/aigc/{group}/video-synthesis",
+        body,
+        forwarded_headers(),
+        parameters,
     )
     # The upstream call and any wait on the database for its record: neither needs the CPU.
     with gateway.turns.set_aside():
-        channel, answer = submit_paid(gateway, submit)
-    count_submit(channel, model, answer)
-    return native_response(answer)
+        submitted = submit_paid(gateway, submit)
+    count_submit(submitted.channel, model, submitted.answer)
+    return with_money_headers(native_response(submitted.answer), submitted)
 
 
 @bp.get("/tasks/<task_id>")
@@ -138,8 +144,8 @@ def list_tasks() -> Response:
     return task_list_response(total, page, query["page_no"], query["page_size"])
 
 
-def load_submit_body() -> tuple[bytes, str]:
-    """Return the raw submit body and its model, or fail with DashScope's 400."""
+def load_submit_body() -> tuple[bytes, str, dict[str, Any] | None]:
+    """Return the raw submit body, its model and parameters, or fail with DashScope's 400."""
     # A client may upload slowly: its wait is not the worker's.
     with current_gateway().turns.set_aside():
         body = request.get_data(cache=False)
@@ -169,7 +175,16 @@ def load_submit_body() -> tuple[bytes, str]:
     if errors:
         raise ApiError(400, "InvalidParameter", first_error(errors))
     g.model = data["model"]
-    return body, data["model"]
+    parameters = data.get("parameters")
+    return body, data["model"], parameters if isinstance(parameters, dict) else None
+
+
+def with_money_headers(response: Response, submitted: Submitted) -> Response:
+    """Add this submit's estimate, and what remains of the account's limit, to the answer."""
+    response.headers["X-Gateway-Estimate"] = to_cent(submitted.estimate.amount)
+    if submitted.remaining is not None:
+        response.headers["X-Gateway-Remaining"] = to_cent(submitted.remaining)
+    return response
 
 
 def nested_too_deeply() -> ApiError:

@@ -9,6 +9,14 @@ from typing import Any
 from sqlalchemy import DateTime, Engine, String, Text, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from app.billing.ledger import (
+    RESERVED,
+    Reservation,
+    Reserved,
+    period_of,
+    release_submission,
+    reserve,
+)
 from app.store.engine import writing
 from app.store.tables import FINAL_STATUSES, submissions, task_archive, tasks
 
@@ -69,19 +77,48 @@ def write_ahead(
     service_path: str,
     body_sha256: str,
     now: datetime,
-) -> int:
-    """Record a submit about to be sent to a channel; return the submission's id."""
-    params = {
-        "account_id": account_id,
-        "key_id": key_id,
-        "model": model,
-        "channel": channel,
-        "service_path": service_path,
-        "body_sha256": body_sha256,
-        "now": now,
-    }
+    reservation: Reservation | None = None,
+) -> tuple[int, Reserved | None]:
+    """Record a submit about to be sent, with its estimate reserved; return its id.
+
+    One transaction: the submission, the reservation's ledger row and the limit check stand
+    or fall together (LimitExceeded leaves no trace).
+    """
+    estimate = reservation.estimate if reservation is not None else None
     with writing(engine) as conn:
-        return int(conn.execute(_WRITE_AHEAD, params).scalar_one())
+        submission_id = int(
+            conn.execute(
+                insert(submissions)
+                .values(
+                    account_id=account_id,
+                    key_id=key_id,
+                    model=model,
+                    channel=channel,
+                    service_path=service_path,
+                    body_sha256=body_sha256,
+                    state=IN_FLIGHT,
+                    sent_at=now,
+                    estimate=estimate.amount if estimate else None,
+                    estimate_tier=estimate.tier if estimate else None,
+                    estimate_seconds=estimate.seconds if estimate else None,
+                    billing_state=RESERVED if estimate else None,
+                    billing_period=period_of(now) if estimate else None,
+                )
+                .returning(submissions.c.id)
+            ).scalar_one()
+        )
+        if reservation is None:
+            return submission_id, None
+        reserved = reserve(
+            conn,
+            reservation,
+            account_id=account_id,
+            key_id=key_id,
+            submission_id=submission_id,
+            model=model,
+            now=now,
+        )
+        return submission_id, reserved
 
 
 def move_to_channel(engine: Engine, submission_id: int, channel: str, now: datetime) -> None:
@@ -95,15 +132,21 @@ def move_to_channel(engine: Engine, submission_id: int, channel: str, now: datet
 
 
 def mark_not_created(engine: Engine, submission_id: int, now: datetime, by: str) -> bool:
-    """Record that a submission provably created no task; False if it was resolved already."""
+    """Record that a submission provably created no task, releasing its reservation.
+
+    False if it was resolved already; the release happens once, with the resolution.
+    """
     with writing(engine) as conn:
-        return bool(
+        resolved = bool(
             conn.execute(
                 update(submissions)
                 .where(submissions.c.id == submission_id, submissions.c.state == IN_FLIGHT)
                 .values(state=NOT_CREATED, resolved_at=now, resolved_by=by)
             ).rowcount
         )
+        if resolved:
+            release_submission(conn, submission_id, now)
+        return resolved
 
 
 def mark_ambiguous(engine: Engine, submission_id: int, now: datetime) -> None:

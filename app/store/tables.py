@@ -3,6 +3,9 @@
 The schema is managed by Alembic (migrations/): a change here needs a migration there.
 """
 
+from decimal import Decimal
+from typing import Any
+
 from sqlalchemy import (
     Column,
     DateTime,
@@ -10,10 +13,13 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Numeric,
     String,
     Table,
     Text,
+    TypeDecorator,
 )
+from sqlalchemy.engine import Dialect
 
 metadata = MetaData()
 
@@ -79,6 +85,68 @@ Index(
 )
 Index("ix_tasks_submitted", tasks.c.submitted_at)
 
+
+class _Undriven(Numeric):  # type: ignore[type-arg]
+    """NUMERIC in the DDL, with no conversion of values on their way to or from the driver."""
+
+    def bind_processor(self, dialect: Dialect) -> None:
+        """Pass values to the driver as they are."""
+        return None
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> None:
+        """Return the driver's values as they are."""
+        return None
+
+
+class Exact(TypeDecorator[Decimal]):
+    """An exact decimal: NUMERIC(precision, scale), Decimal in Python, never a float.
+
+    SQLite has no decimal type (SQLAlchemy would pass floats), so there the column holds the
+    integer count of units of the last place (millionths of the currency for money): sums,
+    comparisons and the limit check stay exact in SQL too.
+    """
+
+    impl = Numeric
+    cache_ok = True
+
+    def __init__(self, precision: int, scale: int) -> None:
+        super().__init__(precision, scale, asdecimal=True)
+        self.precision = precision
+        self.scale = scale
+        self.unit = Decimal(1).scaleb(-scale)
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        """Return NUMERIC whose values SQLAlchemy leaves alone on SQLite."""
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(_Undriven(self.precision, self.scale))
+        return dialect.type_descriptor(Numeric(self.precision, self.scale, asdecimal=True))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        """Return the value as the database keeps it."""
+        if value is None:
+            return None
+        number = Decimal(value).quantize(self.unit)
+        return int(number.scaleb(self.scale)) if dialect.name == "sqlite" else number
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        """Return the database's value as an exact Decimal of the column's scale."""
+        if value is None:
+            return None
+        if dialect.name == "sqlite":
+            return Decimal(int(value)).scaleb(-self.scale).quantize(self.unit)
+        return Decimal(value).quantize(self.unit)
+
+
+def Money() -> Exact:
+    """Return the type of an amount of money: six decimal places of the currency."""
+    return Exact(18, 6)
+
+
+def Seconds() -> Exact:
+    """Return the type of seconds of video: to the millisecond."""
+    return Exact(12, 3)
+
+
 # One row per submit, written before it leaves for DashScope: a billed task can always be traced
 # to the account that asked for it, even when the answer never arrives or cannot be recorded.
 submissions = Table(
@@ -100,6 +168,15 @@ submissions = Table(
     Column("resolved_at", DateTime, nullable=True),
     # answer, journal or reconciler: who recorded the outcome.
     Column("resolved_by", String(16), nullable=True),
+    # What the submit was estimated to cost (reserved against the account), and from what.
+    Column("estimate", Money(), nullable=True),
+    Column("estimate_tier", String(16), nullable=True),
+    Column("estimate_seconds", Seconds(), nullable=True),
+    # reserved -> settled (charged and released) or released (created nothing); NULL: unbilled.
+    # Each move is a conditional update from `reserved`: whoever makes it writes the ledger.
+    Column("billing_state", String(16), nullable=True),
+    # The calendar month (UTC, YYYY-MM) the reservation, and so its charge, counts in.
+    Column("billing_period", String(7), nullable=True),
 )
 
 _IN_FLIGHT = submissions.c.state == "in_flight"
@@ -111,6 +188,13 @@ Index(
     postgresql_where=_IN_FLIGHT,
 )
 Index("ix_submissions_sent", submissions.c.sent_at)
+_RESERVED = submissions.c.billing_state == "reserved"
+Index(
+    "ix_submissions_reserved",
+    submissions.c.sent_at,
+    sqlite_where=_RESERVED,
+    postgresql_where=_RESERVED,
+)
 
 # Who runs the reconciler now: one holder across every worker and instance, until it expires.
 leases = Table(
@@ -139,3 +223,51 @@ task_archive = Table(
 )
 
 Index("ix_task_archive_account_submitted", task_archive.c.account_id, task_archive.c.submitted_at)
+
+# An account's spending limit: per calendar month (UTC) or in total (prepaid credit).
+account_limits = Table(
+    "account_limits",
+    metadata,
+    Column("account_id", Integer, ForeignKey("accounts.id"), primary_key=True),
+    Column("amount", Money(), nullable=False),
+    # month or total
+    Column("per", String(8), nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+)
+
+# What an account has spent and holds reserved, per month ("YYYY-MM") and in total ("total"):
+# a cache of the ledger's sums, kept in the same transactions as the ledger rows, so that the
+# limit check and a reservation can be one conditional update.
+account_balances = Table(
+    "account_balances",
+    metadata,
+    Column("account_id", Integer, ForeignKey("accounts.id"), primary_key=True),
+    Column("period", String(7), primary_key=True),
+    Column("spent", Money(), nullable=False),
+    Column("reserved", Money(), nullable=False),
+)
+
+# Every movement of money, never edited: reserve, charge, release, adjustment. Amounts are
+# positive but an adjustment's (positive credits the account, negative debits it).
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("at", DateTime, nullable=False),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("key_id", Integer, nullable=True),
+    Column("submission_id", Integer, nullable=True),
+    Column("task_id", String(64), nullable=True),
+    Column("model", String(200), nullable=True),
+    Column("kind", String(16), nullable=False),
+    Column("amount", Money(), nullable=False),
+    # Seconds of output video a charge is for, and its resolution tier.
+    Column("seconds", Seconds(), nullable=True),
+    Column("tier", String(16), nullable=True),
+    # The month (YYYY-MM) whose balance the row counts in.
+    Column("period", String(7), nullable=False),
+    Column("reason", Text, nullable=True),
+)
+
+Index("ix_ledger_at", ledger.c.at)
+Index("ix_ledger_account_at", ledger.c.account_id, ledger.c.at)

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
+from sqlalchemy import Engine, bindparam, delete, func, insert, or_, select, update
 
 from app.store.engine import DirectRead, writing
 from app.store.tables import FINAL_STATUSES, submissions, task_archive, tasks
@@ -222,9 +222,14 @@ def archive_tasks(engine: Engine, submitted_before: datetime, now: datetime, lim
         )
         conn.execute(delete(tasks).where(tasks.c.task_id.in_([task.task_id for task in moved])))
         # Resolved submissions of the same age: their tasks' owners are in the archive now.
+        # A reservation still held stays with its submission until it is settled.
         conn.execute(
             delete(submissions).where(
-                submissions.c.sent_at <= submitted_before, submissions.c.state != "in_flight"
+                submissions.c.sent_at <= submitted_before,
+                submissions.c.state != "in_flight",
+                or_(
+                    submissions.c.billing_state.is_(None), submissions.c.billing_state != "reserved"
+                ),
             )
         )
     return len(moved)

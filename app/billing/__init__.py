@@ -1,0 +1,1 @@
+"""Money: prices and estimates (pure, exact decimals), limits, reservations and the ledger."""
