@@ -30,6 +30,11 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     instance_path = environ.get("GATEWAY_INSTANCE_PATH") or None
     app = Flask(__name__, instance_path=instance_path, instance_relative_config=True)
     app.session_interface = NoCookieSessions()
+    # DashScope answers the same with and without a trailing slash, and its clients send both:
+    # AioVideoSynthesis queries `tasks/<id>/`, DashScope's curl samples end submits in one.
+    # A redirect instead would turn a POST into a second request, or lose it.
+    # Set before any route is added: each rule takes the map's setting when it is added.
+    app.url_map.strict_slashes = False
     register_gateway(app, environ)
     register_observability(app)
     register_blueprints(app)

@@ -114,6 +114,17 @@ TASK_LIST_EXAMPLE = {
             "end_time": 1758798722118,
         }
     ],
+    "tasks": [
+        {
+            "task_id": EXAMPLE_TASK_ID,
+            "task_status": "SUCCEEDED",
+            "model_name": "wan2.5-t2v-preview",
+            "api_key_id": "1",
+            "submit_time": "2025-09-25 19:07:28.590",
+            "scheduled_time": "2025-09-25 19:07:28.637",
+            "end_time": "2025-09-25 19:12:02.118",
+        }
+    ],
 }
 
 

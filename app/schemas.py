@@ -7,7 +7,7 @@ from typing import Any
 from marshmallow import EXCLUDE, INCLUDE, Schema, ValidationError, fields, validate
 
 MAX_SEED = 2_147_483_647
-TASK_STATUSES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN")
+TASK_STATUSES = ("PENDING", "RUNNING", "SUSPENDED", "SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN")
 # DashScope's task-list time filters: YYYYMMDDhhmmss (taken as UTC here).
 LIST_TIME_FORMAT = "%Y%m%d%H%M%S"
 
@@ -189,6 +189,20 @@ class TaskListItemSchema(_OpenSchema):
     end_time = fields.Integer(allow_none=True, metadata={"description": "Epoch milliseconds."})
 
 
+class TaskListTaskSchema(_OpenSchema):
+    """One task of a task-list page as SDK 2.x reads it: the types of a task query's `output`."""
+
+    task_id = fields.String(required=True)
+    task_status = fields.String(required=True, validate=validate.OneOf(TASK_STATUSES))
+    model_name = fields.String(required=True)
+    api_key_id = fields.String(metadata={"description": "The gateway key that submitted it."})
+    submit_time = fields.String(
+        required=True, metadata={"description": "`YYYY-MM-DD HH:MM:SS.mmm`."}
+    )
+    scheduled_time = fields.String(metadata={"description": "When a worker picked the task up."})
+    end_time = fields.String(metadata={"description": "When the task finished."})
+
+
 class TaskListResponseSchema(_OpenSchema):
     """A page of the account's tasks, in DashScope's task-list format."""
 
@@ -198,6 +212,11 @@ class TaskListResponseSchema(_OpenSchema):
     page_no = fields.Integer(required=True)
     page_size = fields.Integer(required=True)
     data = fields.List(fields.Nested(TaskListItemSchema), required=True)
+    tasks = fields.List(
+        fields.Nested(TaskListTaskSchema),
+        required=True,
+        metadata={"description": "The same tasks as `data`, for SDK 2.x's `jobs.list`."},
+    )
 
 
 class ErrorSchema(_OpenSchema):

@@ -36,7 +36,8 @@ USER_AGENT = "bailian-gateway/0.1"
 # HTTP/1.1, and every header costs each call a copy, a check and an encoding.
 BASE_HEADERS = {"User-Agent": USER_AGENT, "Accept-Encoding": requests.utils.DEFAULT_ACCEPT_ENCODING}
 # Headers a client may send that DashScope honours and that mean the same through a gateway.
-FORWARDED_SUBMIT_HEADERS = ("X-DashScope-DataInspection",)
+OSS_RESOLVE_HEADER = "X-DashScope-OssResourceResolve"
+FORWARDED_SUBMIT_HEADERS = ("X-DashScope-DataInspection", OSS_RESOLVE_HEADER)
 # Each operation's method and the headers it adds to BASE_HEADERS and the channel's key.
 OPERATIONS: dict[str, tuple[str, dict[str, str]]] = {
     "submit": ("POST", {"Content-Type": "application/json", "X-DashScope-Async": "enable"}),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -13,8 +13,9 @@ from flask import Blueprint, Response, current_app, g, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from app import refresh
+from app import refresh, task_list
 from app.auth import authenticate
+from app.bodies import DuplicateKey, loads_unique, oss_urls
 from app.config import Channel
 from app.errors import ApiError, model_not_found, task_not_exist
 from app.gateway import current_gateway
@@ -37,6 +38,7 @@ from app.store import (
 from app.submitting import SubmitRequest, submit_paid
 from app.upstream import (
     FORWARDED_SUBMIT_HEADERS,
+    OSS_RESOLVE_HEADER,
     UpstreamAnswer,
     UpstreamBrokenAnswer,
 )
@@ -144,7 +146,11 @@ def load_submit_body() -> tuple[bytes, str]:
         # A chunked body is cut at the limit rather than refused; refuse it the same way.
         raise RequestEntityTooLarge()
     try:
-        data = json.loads(body)
+        data = loads_unique(body)
+    except DuplicateKey as exc:
+        raise ApiError(
+            400, "InvalidParameter", f"The request body repeats the key {json.dumps(exc.key)}."
+        ) from None
     except ValueError:
         raise ApiError(400, "InvalidParameter", "The request body is not valid JSON.") from None
     if not isinstance(data, dict):
@@ -161,15 +167,20 @@ def load_submit_body() -> tuple[bytes, str]:
     if errors:
         raise ApiError(400, "InvalidParameter", first_error(errors))
     g.model = data["model"]
+    g.submit_input = data["input"]
     return body, data["model"]
 
 
 def forwarded_headers() -> dict[str, str]:
     """Return the client's headers that mean the same to DashScope through a gateway."""
     # request.headers ignores case, so a client's spelling of the name does not matter.
-    return {
+    headers = {
         name: request.headers[name] for name in FORWARDED_SUBMIT_HEADERS if name in request.headers
     }
+    if any(oss_urls(g.get("submit_input"))):
+        # What the SDK sends with a file it uploaded: DashScope fails such a submit without it.
+        headers[OSS_RESOLVE_HEADER] = "enable"
+    return headers
 
 
 def ensure_model_allowed(caller: Caller, model: str) -> None:
@@ -248,31 +259,9 @@ def cannot_cancel() -> ApiError:
 
 
 def task_list_response(total: int, page: list[Task], page_no: int, page_size: int) -> Response:
-    """Render a page of tasks the way DashScope's task list does."""
-    body = {
-        "request_id": g.request_id,
-        "total": total,
-        "total_page": -(-total // page_size),
-        "page_no": page_no,
-        "page_size": page_size,
-        "data": [
-            {
-                "task_id": task.task_id,
-                "status": task.status,
-                "model_name": task.model,
-                "api_key_id": str(task.key_id),
-                "gmt_create": epoch_ms(task.submitted_at),
-                "end_time": epoch_ms(task.finished_at) if task.finished_at else None,
-            }
-            for task in page
-        ],
-    }
-    return Response(json.dumps(body), status=200, mimetype="application/json")
-
-
-def epoch_ms(moment: datetime) -> int:
-    """Return a naive UTC time as epoch milliseconds."""
-    return int(moment.replace(tzinfo=UTC).timestamp() * 1000)
+    """Render a page of tasks the way DashScope's task list does, for both SDKs."""
+    body = task_list.list_body(g.request_id, total, page, page_no, page_size)
+    return Response(body, status=200, mimetype="application/json")
 
 
 def stored_answer(task: Task, reason: str) -> Response:
