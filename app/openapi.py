@@ -14,6 +14,7 @@ from marshmallow import fields
 from app.errors import ApiError, invalid_api_key, model_not_found, task_not_exist
 from app.schemas import (
     CancelResponseSchema,
+    CheckResponseSchema,
     ErrorSchema,
     SubmitResponseSchema,
     TaskListQuerySchema,
@@ -24,6 +25,7 @@ from app.schemas import (
     first_error,
     video_synthesis_request_schema,
 )
+from app.services import SERVICES
 
 API_PREFIX = "/alibailian/api/v1"
 SECURITY_SCHEME = "gatewayKey"
@@ -203,6 +205,7 @@ def build_openapi_document() -> dict[str, Any]:
         ),
     )
     add_submit_paths(spec)
+    add_service_paths(spec)
     add_task_paths(spec)
     spec.path(
         path="/openapi.json",
@@ -255,6 +258,71 @@ def add_submit_paths(spec: APISpec) -> None:
             }
         },
     )
+
+
+# One example body for each service path described from the table (app/services.py).
+SERVICE_EXAMPLES: dict[str, dict[str, Any]] = {
+    "aa-template-generation": {
+        "model": "animate-anyone-template-gen2",
+        "input": {"video_url": "https://example.com/videos/dance.mp4"},
+    },
+    "face-detect": {
+        "model": "emo-detect-v1",
+        "input": {"image_url": "https://example.com/images/portrait.png"},
+        "parameters": {"ratio": "1:1"},
+    },
+    "aa-detect": {
+        "model": "animate-anyone-detect-gen2",
+        "input": {"image_url": "https://example.com/images/person.png"},
+    },
+}
+
+
+def add_service_paths(spec: APISpec) -> None:
+    """Describe the other service paths of the table: async tasks and synchronous checks."""
+    for service in SERVICES:
+        if service.function == "video-synthesis":
+            continue  # described above, with their own examples
+        example = {
+            "example": {"summary": service.serves, "value": SERVICE_EXAMPLES[service.function]}
+        }
+        if service.asynchronous:
+            responses = submit_responses()
+            summary, description = "Submit an async task", "Recorded and owned like a submit."
+        else:
+            checked = {
+                "request_id": EXAMPLE_REQUEST_ID,
+                "output": {"check_pass": True},
+                "usage": {"image_count": 1},
+            }
+            responses = {
+                **submit_responses(),
+                "200": json_response(
+                    "DashScope's answer, unchanged.",
+                    CheckResponseSchema,
+                    {"passed": {"value": checked}},
+                ),
+            }
+            summary = "Call a synchronous check"
+            description = (
+                "Forwarded without `X-DashScope-Async` and answered as DashScope answers it; "
+                "nothing is recorded."
+            )
+        spec.path(
+            path=f"/{service.path}",
+            operations={
+                "post": {
+                    "operationId": "".join(
+                        part.capitalize() for part in service.path.replace("/", "-").split("-")
+                    ),
+                    "tags": ["video synthesis"],
+                    "summary": f"{summary}: {service.serves}",
+                    "description": description,
+                    "requestBody": submit_body(example),
+                    "responses": responses,
+                }
+            },
+        )
 
 
 def add_task_paths(spec: APISpec) -> None:

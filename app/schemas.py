@@ -147,6 +147,14 @@ class SubmitResponseSchema(_OpenSchema):
     output = fields.Nested(SubmitOutputSchema, required=True)
 
 
+class CheckResponseSchema(_OpenSchema):
+    """DashScope's answer to a synchronous check, forwarded as it came."""
+
+    request_id = fields.String(required=True)
+    output = fields.Dict(required=True, metadata={"description": "`check_pass` and the findings."})
+    usage = fields.Dict(metadata={"description": "What was billed, e.g. `image_count`."})
+
+
 class TaskOutputSchema(_OpenSchema):
     """The `output` of a task query; which fields appear depends on the task's status."""
 

@@ -27,7 +27,19 @@ DEFAULTS: dict[str, Any] = {
 SUBMIT_PATHS = (
     "/api/v1/services/aigc/video-generation/video-synthesis",
     "/api/v1/services/aigc/image2video/video-synthesis",
+    "/api/v1/services/aigc/image2video/aa-template-generation",
 )
+# Synchronous checks, and what each answers about an image that passes.
+CHECK_PATHS = {
+    "/api/v1/services/aigc/image2video/face-detect": {
+        "check_pass": True,
+        "humanoid": True,
+        "face_bbox": [302, 286, 610, 593],
+        "ext_bbox": [71, 9, 840, 778],
+    },
+    "/api/v1/services/aigc/image2video/aa-detect": {"check_pass": True, "bodystyle": "full"},
+}
+CHECK_REFUSED = "The image does not pass the check."
 
 SECONDS = r"(\d+(?:\.\d*)?|\.\d+)"
 SLEEP_MARKER = re.compile(rf"\[sleep={SECONDS}\]")
@@ -80,6 +92,8 @@ class State:
     queries: int = 0
     cancels: int = 0
     lists: int = 0
+    checks: int = 0
+    last_check: dict[str, Any] | None = None
     queries_by_task: Counter[str] = field(default_factory=Counter)
     submits_by_prompt: Counter[str] = field(default_factory=Counter)
     last_submit: dict[str, Any] | None = None
@@ -89,6 +103,8 @@ class State:
         with self.lock:
             self.tasks.clear()
             self.requests_total = self.submits = self.queries = self.cancels = self.lists = 0
+            self.checks = 0
+            self.last_check = None
             self.queries_by_task.clear()
             self.submits_by_prompt.clear()
             self.last_submit = None
@@ -160,6 +176,8 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
     state = State()
 
     app = Flask(__name__)
+    # DashScope answers the same with and without a trailing slash.
+    app.url_map.strict_slashes = False
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["simulator"] = state
 
@@ -215,8 +233,38 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
         code = HTTP_CODES.get(status, (exc.name or "Error").replace(" ", ""))
         return error(status, code, exc.description or exc.name or "")
 
+    def check() -> Any:
+        """Answer a synchronous image check at once; `[reject]` in a URL fails it."""
+        body = request.get_json(force=True, silent=True)
+        with state.lock:
+            state.checks += 1
+            state.last_check = {
+                "headers": {k.lower(): v for k, v in request.headers.items()},
+                "body": body,
+                "path": request.path,
+            }
+        key = authenticate()
+        if not isinstance(key, str):
+            return key
+        if request.headers.get("X-DashScope-Async", "").strip().lower() == "enable":
+            return error(
+                403, "AccessDenied", "current user api does not support asynchronous calls"
+            )
+        if not isinstance(body, dict) or not body.get("model"):
+            return error(400, "BadRequest.EmptyModel", 'Required parameter "model" missing.')
+        if not isinstance(body.get("input"), dict):
+            return error(400, "BadRequest.EmptyInput", 'Required parameter "input" missing.')
+        output: dict[str, Any] = dict(CHECK_PATHS[request.path.rstrip("/")])
+        if "[reject]" in str(body["input"]):
+            output = {"check_pass": False, "code": "InvalidFile.Content", "message": CHECK_REFUSED}
+        return jsonify(request_id=new_id(), output=output, usage={"image_count": 1})
+
+    for check_path in CHECK_PATHS:
+        app.add_url_rule(check_path, f"check {check_path}", check, methods=["POST"])
+
     @app.post(SUBMIT_PATHS[0])
     @app.post(SUBMIT_PATHS[1])
+    @app.post(SUBMIT_PATHS[2])
     def submit() -> Any:
         """Accept an async video task."""
         body = request.get_json(force=True, silent=True)
@@ -443,6 +491,8 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
                 queries=state.queries,
                 cancels=state.cancels,
                 lists=state.lists,
+                checks=state.checks,
+                last_check=state.last_check,
                 queries_by_task=dict(state.queries_by_task),
                 tasks=len(state.tasks),
                 last_submit=state.last_submit,

@@ -20,6 +20,7 @@ from openapi_spec_validator import validate
 from app.openapi import API_PREFIX, openapi_document
 from app.schemas import (
     CancelResponseSchema,
+    CheckResponseSchema,
     ErrorSchema,
     SubmitResponseSchema,
     TaskListResponseSchema,
@@ -34,6 +35,7 @@ HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "tra
 # Documentation-only schemas, by the component name apispec gives them.
 RESPONSE_SCHEMAS: dict[str, type[Schema]] = {
     "SubmitResponse": SubmitResponseSchema,
+    "CheckResponse": CheckResponseSchema,
     "TaskResponse": TaskResponseSchema,
     "CancelResponse": CancelResponseSchema,
     "TaskListResponse": TaskListResponseSchema,

@@ -651,3 +651,29 @@ def test_stats_list_tasks_and_submits_by_prompt() -> None:
     client.post("/_sim/reset")
     stats = client.get("/_sim/stats").json
     assert (stats["task_list"], stats["submits_by_prompt"]) == ([], {})
+
+
+FACE_DETECT = "/api/v1/services/aigc/image2video/face-detect"
+AA_DETECT = "/api/v1/services/aigc/image2video/aa-detect"
+
+
+def test_checks_answer_at_once_and_refuse_the_async_header(client: FlaskClient) -> None:
+    check = {"model": "emo-detect-v1", "input": {"image_url": "https://e.com/face.png"}}
+
+    face = client.post(FACE_DETECT, json=check, headers=headers(async_=None))
+    body_check = client.post(AA_DETECT + "/", json=check, headers=headers(async_=None))
+    rejected = {**check, "input": {"image_url": "https://e.com/[reject].png"}}
+    failed = client.post(FACE_DETECT, json=rejected, headers=headers(async_=None))
+    refused = client.post(FACE_DETECT, json=check, headers=headers())
+
+    assert face.status_code == 200
+    assert face.json["output"]["check_pass"] is True
+    assert face.json["usage"] == {"image_count": 1}
+    assert body_check.json["output"]["bodystyle"] == "full"
+    assert failed.json["output"]["check_pass"] is False
+    assert (refused.status_code, refused.json["code"]) == (403, "AccessDenied")
+    assert client.post(FACE_DETECT, json=check).status_code == 401
+    stats = client.get("/_sim/stats").json
+    assert stats["checks"] == 5
+    assert stats["tasks"] == 0
+    assert client.post(T2V + "/", json=body(), headers=headers()).status_code == 200

@@ -16,6 +16,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from app import refresh, task_list
 from app.auth import authenticate
 from app.bodies import DuplicateKey, loads_unique, oss_urls
+from app.checks import check_with_failover
 from app.config import Channel
 from app.errors import ApiError, model_not_found, task_not_exist
 from app.gateway import current_gateway
@@ -26,6 +27,7 @@ from app.schemas import (
     validation_message,
     video_synthesis_request_schema,
 )
+from app.services import BY_PATH, SERVICES
 from app.store import (
     Caller,
     Task,
@@ -66,21 +68,49 @@ def end_turn(_error: BaseException | None) -> None:
 TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-@bp.post("/services/aigc/<any('video-generation', 'image2video'):group>/video-synthesis")
-def submit_video_synthesis(group: str) -> Response:
-    """Forward a video-synthesis submit unchanged and remember which account owns the task."""
+def submit_video_synthesis(group: str, function: str) -> Response:
+    """Forward an async task's submit unchanged and remember which account owns the task."""
     caller = authenticate()
     body, model = load_submit_body()
     ensure_model_allowed(caller, model)
     gateway = current_gateway()
     submit = SubmitRequest(
-        caller, model, f"services/aigc/{group}/video-synthesis", body, forwarded_headers()
+        caller, model, BY_PATH[(group, function)].path, body, forwarded_headers()
     )
     # The upstream call and any wait on the database for its record: neither needs the CPU.
     with gateway.turns.set_aside():
         channel, answer = submit_paid(gateway, submit)
     count_submit(channel, model, answer)
     return native_response(answer)
+
+
+def call_synchronous_service(group: str, function: str) -> Response:
+    """Forward a synchronous check unchanged (no async header) and answer what DashScope said."""
+    caller = authenticate()
+    body, model = load_submit_body()
+    gateway = current_gateway()
+    # A check makes no video to price: a channel serving the model and the key's allowlist do.
+    if not any(model in channel.models for channel in gateway.pool.channels):
+        raise model_not_found(model)
+    if not caller.may_use(model):
+        raise model_not_found(model)
+    path = BY_PATH[(group, function)].path
+    with gateway.turns.set_aside():
+        channel, answer = check_with_failover(
+            gateway.pool, gateway.client, model, path, body, forwarded_headers()
+        )
+    g.channel = channel.name
+    return native_response(answer)
+
+
+# One rule per service DashScope has (app/services.py): any other function is a native 404.
+for _service in SERVICES:
+    bp.add_url_rule(
+        f"/services/aigc/{_service.group}/{_service.function}",
+        view_func=submit_video_synthesis if _service.asynchronous else call_synchronous_service,
+        methods=["POST"],
+        defaults={"group": _service.group, "function": _service.function},
+    )
 
 
 @bp.get("/tasks/<task_id>")
