@@ -16,6 +16,7 @@ from app.schemas import (
     CancelResponseSchema,
     CheckResponseSchema,
     ErrorSchema,
+    PolicyResponseSchema,
     SubmitResponseSchema,
     TaskListQuerySchema,
     TaskListResponseSchema,
@@ -206,6 +207,7 @@ def build_openapi_document() -> dict[str, Any]:
     )
     add_submit_paths(spec)
     add_service_paths(spec)
+    add_upload_path(spec)
     add_task_paths(spec)
     spec.path(
         path="/openapi.json",
@@ -323,6 +325,57 @@ def add_service_paths(spec: APISpec) -> None:
                 }
             },
         )
+
+
+def add_upload_path(spec: APISpec) -> None:
+    """Describe getPolicy, the first step of DashScope's upload flow."""
+    policy = {
+        "request_id": EXAMPLE_REQUEST_ID,
+        "data": {
+            "policy": "eyJleHBpcmF0aW9uIjog...",
+            "signature": "gN5Y...",
+            "upload_dir": "dashscope-instant/1a2b/2025-09-25/0385dc79",
+            "upload_host": "https://dashscope-file-mgr.oss-cn-beijing.aliyuncs.com",
+            "expire_in_seconds": 300,
+            "oss_access_key_id": "LTAI...",
+            "x_oss_object_acl": "private",
+            "x_oss_forbid_overwrite": "true",
+        },
+    }
+    responses = submit_responses()
+    responses["200"] = json_response(
+        "DashScope's policy, unchanged: upload the file to `upload_host`, then submit "
+        "`oss://{upload_dir}/{filename}` for the same model.",
+        PolicyResponseSchema,
+        {"policy": {"value": policy}},
+    )
+    spec.path(
+        path="/uploads",
+        operations={
+            "get": {
+                "operationId": "getUploadPolicy",
+                "tags": ["uploads"],
+                "summary": "Get an upload policy for a model (`action=getPolicy&model=M`)",
+                "description": "Asked of the account's channel for the model; the upload "
+                "directory is bound to the account, that channel and the model for 48 h.",
+                "parameters": [
+                    {
+                        "in": "query",
+                        "name": "action",
+                        "required": True,
+                        "schema": {"type": "string", "enum": ["getPolicy"]},
+                    },
+                    {
+                        "in": "query",
+                        "name": "model",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    },
+                ],
+                "responses": responses,
+            }
+        },
+    )
 
 
 def add_task_paths(spec: APISpec) -> None:

@@ -155,6 +155,13 @@ class CheckResponseSchema(_OpenSchema):
     usage = fields.Dict(metadata={"description": "What was billed, e.g. `image_count`."})
 
 
+class PolicyResponseSchema(_OpenSchema):
+    """DashScope's getPolicy answer, forwarded as it came."""
+
+    request_id = fields.String(required=True)
+    data = fields.Dict(required=True, metadata={"description": "The OSS form fields and host."})
+
+
 class TaskOutputSchema(_OpenSchema):
     """The `output` of a task query; which fields appear depends on the task's status."""
 

@@ -45,6 +45,8 @@ class SubmitRequest:
     service_path: str
     body: bytes
     headers: Mapping[str, str]
+    # The one channel that may take it (the holder of its uploaded files), or any.
+    only_channel: str | None = None
 
 
 def submit_paid(gateway: Gateway, request: SubmitRequest) -> tuple[Channel, UpstreamAnswer]:
@@ -60,6 +62,7 @@ def submit_paid(gateway: Gateway, request: SubmitRequest) -> tuple[Channel, Upst
             request.body,
             request.headers,
             before_send=submission.before_send,
+            only=request.only_channel,
         )
     except UpstreamError:
         # The submit may have created a task: the row stays in flight, and the reconciler

@@ -44,6 +44,7 @@ OPERATIONS: dict[str, tuple[str, dict[str, str]]] = {
     # A synchronous service (a face check): DashScope refuses the async header there with 403.
     "check": ("POST", {"Content-Type": "application/json"}),
     "query": ("GET", {}),
+    "policy": ("GET", {}),
     "cancel": ("POST", {}),
     "list": ("GET", {}),
 }
@@ -280,6 +281,13 @@ class DashScopeClient:
         submit_session, _ = self._sessions()  # no retries inside: the caller fails over
         call = _Call.of(channel, "check", service_path)
         return self._send(channel, submit_session, call, prepared)
+
+    def get_upload_policy(self, channel: Channel, model: str) -> UpstreamAnswer:
+        """Ask the channel for an upload policy for the model (DashScope's getPolicy)."""
+        _, query_session = self._sessions()  # idempotent: it hands out a fresh directory
+        call = _Call.of(channel, "policy", "uploads")
+        path = f"uploads?{urlencode({'action': 'getPolicy', 'model': model})}"
+        return self._send(channel, query_session, call, self._prepare(channel, "policy", path))
 
     def query_task(self, channel: Channel, task_id: str) -> UpstreamAnswer:
         """Ask the channel that created a task about its status."""

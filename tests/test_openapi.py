@@ -22,6 +22,7 @@ from app.schemas import (
     CancelResponseSchema,
     CheckResponseSchema,
     ErrorSchema,
+    PolicyResponseSchema,
     SubmitResponseSchema,
     TaskListResponseSchema,
     TaskNotExistSchema,
@@ -36,6 +37,7 @@ HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "tra
 RESPONSE_SCHEMAS: dict[str, type[Schema]] = {
     "SubmitResponse": SubmitResponseSchema,
     "CheckResponse": CheckResponseSchema,
+    "PolicyResponse": PolicyResponseSchema,
     "TaskResponse": TaskResponseSchema,
     "CancelResponse": CancelResponseSchema,
     "TaskListResponse": TaskListResponseSchema,

@@ -98,15 +98,22 @@ def test_the_list_filter_takes_suspended(client: FlaskClient, api_key: str) -> N
 def test_the_submit_header_for_oss_inputs_is_forwarded_and_set_for_oss_urls(
     app: Flask, client: FlaskClient, api_key: str, upstream: responses.RequestsMock
 ) -> None:
+    policy = {"request_id": "p", "data": {"upload_dir": "sim/acme/1", "policy": "x"}}
+    upstream.get(f"{UPSTREAM}/uploads", json=policy)
+    got = client.get(
+        "/alibailian/api/v1/uploads?action=getPolicy&model=wan2.5-t2v-preview",
+        headers=bearer(api_key),
+    )
+    assert (got.status_code, got.json) == (200, policy)
     for task_id in ("t-1", "t-2", "t-3"):
         accept(upstream, "video-generation", task_id)
     header = {"X-DashScope-OssResourceResolve": "enable"}
     client.post(SUBMIT_PATH, json=body(), headers={**bearer(api_key), **header})
     client.post(SUBMIT_PATH, json=body(), headers=bearer(api_key))
-    oss = body(media=[{"type": "img", "url": "oss://bucket/dir/a.png"}])
+    oss = body(media=[{"type": "img", "url": "oss://sim/acme/1/a.png"}])
     assert client.post(SUBMIT_PATH, json=oss, headers=bearer(api_key)).status_code == 200
 
-    sent = [call.request.headers.get("X-DashScope-OssResourceResolve") for call in upstream.calls]
+    sent = [c.request.headers.get("X-DashScope-OssResourceResolve") for c in upstream.calls[1:]]
     assert sent == ["enable", None, "enable"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import queue
 import subprocess
 import sys
@@ -677,3 +678,39 @@ def test_checks_answer_at_once_and_refuse_the_async_header(client: FlaskClient) 
     assert stats["checks"] == 5
     assert stats["tasks"] == 0
     assert client.post(T2V + "/", json=body(), headers=headers()).status_code == 200
+
+
+def test_uploads_resolve_only_with_the_header_for_the_key_and_model(client: FlaskClient) -> None:
+    got = client.get(
+        "/api/v1/uploads?action=getPolicy&model=wan2.5-i2v-preview", headers=headers()
+    ).json["data"]
+    form = {
+        "OSSAccessKeyId": got["oss_access_key_id"],
+        "Signature": got["signature"],
+        "policy": got["policy"],
+        "key": f"{got['upload_dir']}/cat.png",
+        "x-oss-object-acl": got["x_oss_object_acl"],
+        "x-oss-forbid-overwrite": got["x_oss_forbid_overwrite"],
+        "success_action_status": "200",
+    }
+    path = got["upload_host"].removeprefix("http://localhost")
+    forged = client.post(
+        path, data={**form, "Signature": "forged", "file": (io.BytesIO(b"x"), "a")}
+    )
+    uploaded = client.post(path, data={**form, "file": (io.BytesIO(b"png"), "cat.png")})
+    assert forged.status_code == 403
+    assert uploaded.status_code == 200
+
+    def submit(key: str, model: str, resolve: bool) -> Any:
+        body = {"model": model, "input": {"prompt": "p", "img_url": f"oss://{form['key']}"}}
+        extra = {"X-DashScope-OssResourceResolve": "enable"} if resolve else {}
+        return client.post(T2V, json=body, headers={**headers(key), **extra})
+
+    assert submit(KEY, "wan2.5-i2v-preview", True).status_code == 200
+    for key, model, resolve in (
+        (KEY, "wan2.5-i2v-preview", False),
+        (OTHER_KEY, "wan2.5-i2v-preview", True),
+        (KEY, "wan2.5-t2v-preview", True),
+    ):
+        answer = submit(key, model, resolve)
+        assert (answer.status_code, answer.json["code"]) == (400, "InvalidParameter")

@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app, g, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from app import refresh, task_list
+from app import refresh, task_list, uploads
 from app.auth import authenticate
 from app.bodies import DuplicateKey, loads_unique, oss_urls
 from app.checks import check_with_failover
@@ -74,8 +74,9 @@ def submit_video_synthesis(group: str, function: str) -> Response:
     body, model = load_submit_body()
     ensure_model_allowed(caller, model)
     gateway = current_gateway()
+    holder = oss_upload_channel(caller, model)
     submit = SubmitRequest(
-        caller, model, BY_PATH[(group, function)].path, body, forwarded_headers()
+        caller, model, BY_PATH[(group, function)].path, body, forwarded_headers(), holder
     )
     # The upstream call and any wait on the database for its record: neither needs the CPU.
     with gateway.turns.set_aside():
@@ -95,12 +96,52 @@ def call_synchronous_service(group: str, function: str) -> Response:
     if not caller.may_use(model):
         raise model_not_found(model)
     path = BY_PATH[(group, function)].path
+    only = uploads.only_channel(gateway.pool, oss_upload_channel(caller, model))
     with gateway.turns.set_aside():
         channel, answer = check_with_failover(
-            gateway.pool, gateway.client, model, path, body, forwarded_headers()
+            gateway.pool, gateway.client, model, path, body, forwarded_headers(), only
         )
     g.channel = channel.name
     return native_response(answer)
+
+
+@bp.get("/uploads")
+def get_upload_policy() -> Response:
+    """Forward DashScope's getPolicy to the account's channel and remember the upload directory."""
+    caller = authenticate()
+    if request.args.get("action") != "getPolicy":
+        raise ApiError(400, "InvalidParameter", "action: must be getPolicy.")
+    model = request.args.get("model") or ""
+    if not model:
+        raise ApiError(400, "BadRequest.EmptyModel", 'Required parameter "model" missing.')
+    g.model = model
+    ensure_model_allowed(caller, model)
+    limiter = current_app.extensions.setdefault(
+        "policy_limiter", uploads.RateLimiter(uploads.POLICY_RATE, uploads.POLICY_BURST)
+    )
+    if not limiter.allow(caller.key_id):
+        raise ApiError(429, "Throttling.RateQuota", "Too many upload policies, slow down.")
+    gateway = current_gateway()
+    channel = uploads.policy_channel(gateway, caller, model)
+    with gateway.turns.set_aside():
+        answer = gateway.client.get_upload_policy(channel, model)
+    if answer.status in (401, 403):
+        gateway.pool.report_failure(channel, auth=True)
+        raise UpstreamBrokenAnswer(
+            channel.name, f"getPolicy refused the channel key ({answer.status})"
+        )
+    g.channel = channel.name
+    if answer.status == 200:
+        uploads.remember_policy(gateway, caller, channel, model, answer.data)
+    return native_response(answer)
+
+
+def oss_upload_channel(caller: Caller, model: str) -> str | None:
+    """Return the channel holding the submit's `oss://` files, or fail naming the field."""
+    try:
+        return uploads.upload_channel(current_gateway(), caller, model, g.get("submit_input"))
+    except uploads.OssInputRefused as exc:
+        raise ApiError(400, "InvalidParameter", str(exc)) from None
 
 
 # One rule per service DashScope has (app/services.py): any other function is a native 404.
