@@ -40,6 +40,11 @@ def create_app(overrides: Mapping[str, Any] | None = None, *, upgrade_schema: bo
     # OPTIONS is no method of DashScope's API: it answers 405 with `Allow` from the errors
     # blueprint, as any other method a route does not take, not Flask's empty text/html 200.
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    # DashScope answers the same with and without a trailing slash, and its clients send both:
+    # AioVideoSynthesis queries `tasks/<id>/`, DashScope's curl samples end submits in one.
+    # A redirect instead would turn a POST into a second request, or lose it.
+    # Set before any route is added: each rule takes the map's setting when it is added.
+    app.url_map.strict_slashes = False
     register_gateway(app, environ, upgrade_schema=upgrade_schema)
     register_observability(app)
     register_blueprints(app)

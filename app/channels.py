@@ -137,13 +137,14 @@ def submit_with_failover(
     body: bytes,
     client_headers: Mapping[str, str],
     before_send: Callable[[Channel], None] = lambda _channel: None,
+    only: str | None = None,
 ) -> tuple[Channel, UpstreamAnswer]:
     """Submit on the first channel that takes it, failing over only when nothing was created.
 
     `before_send` runs before each attempt with the channel about to be tried; what it raises
-    stops the submit before that channel is called.
+    stops the submit before that channel is called. `only` names the one channel allowed.
     """
-    candidates = pool.candidates(model)
+    candidates = [c for c in pool.candidates(model) if only is None or c.name == only]
     if not candidates:
         raise NoUsableChannel(model)
     throttled: tuple[Channel, UpstreamAnswer] | None = None

@@ -14,7 +14,9 @@ from marshmallow import fields
 from app.errors import ApiError, invalid_api_key, model_not_found, task_not_exist
 from app.schemas import (
     CancelResponseSchema,
+    CheckResponseSchema,
     ErrorSchema,
+    PolicyResponseSchema,
     SubmitResponseSchema,
     TaskListQuerySchema,
     TaskListResponseSchema,
@@ -24,6 +26,7 @@ from app.schemas import (
     first_error,
     video_synthesis_request_schema,
 )
+from app.services import SERVICES
 
 API_PREFIX = "/alibailian/api/v1"
 SECURITY_SCHEME = "gatewayKey"
@@ -114,6 +117,17 @@ TASK_LIST_EXAMPLE = {
             "end_time": 1758798722118,
         }
     ],
+    "tasks": [
+        {
+            "task_id": EXAMPLE_TASK_ID,
+            "task_status": "SUCCEEDED",
+            "model_name": "wan2.5-t2v-preview",
+            "api_key_id": "1",
+            "submit_time": "2025-09-25 19:07:28.590",
+            "scheduled_time": "2025-09-25 19:07:28.637",
+            "end_time": "2025-09-25 19:12:02.118",
+        }
+    ],
 }
 
 
@@ -192,6 +206,8 @@ def build_openapi_document() -> dict[str, Any]:
         ),
     )
     add_submit_paths(spec)
+    add_service_paths(spec)
+    add_upload_path(spec)
     add_task_paths(spec)
     spec.path(
         path="/openapi.json",
@@ -240,6 +256,122 @@ def add_submit_paths(spec: APISpec) -> None:
                 "description": "The route the dashscope SDK uses for every model whose name "
                 "contains `kf2v`; otherwise the same as the video-generation route.",
                 "requestBody": submit_body(KF2V_SUBMIT_EXAMPLES),
+                "responses": responses,
+            }
+        },
+    )
+
+
+# One example body for each service path described from the table (app/services.py).
+SERVICE_EXAMPLES: dict[str, dict[str, Any]] = {
+    "aa-template-generation": {
+        "model": "animate-anyone-template-gen2",
+        "input": {"video_url": "https://example.com/videos/dance.mp4"},
+    },
+    "face-detect": {
+        "model": "emo-detect-v1",
+        "input": {"image_url": "https://example.com/images/portrait.png"},
+        "parameters": {"ratio": "1:1"},
+    },
+    "aa-detect": {
+        "model": "animate-anyone-detect-gen2",
+        "input": {"image_url": "https://example.com/images/person.png"},
+    },
+}
+
+
+def add_service_paths(spec: APISpec) -> None:
+    """Describe the other service paths of the table: async tasks and synchronous checks."""
+    for service in SERVICES:
+        if service.function == "video-synthesis":
+            continue  # described above, with their own examples
+        example = {
+            "example": {"summary": service.serves, "value": SERVICE_EXAMPLES[service.function]}
+        }
+        if service.asynchronous:
+            responses = submit_responses()
+            summary, description = "Submit an async task", "Recorded and owned like a submit."
+        else:
+            checked = {
+                "request_id": EXAMPLE_REQUEST_ID,
+                "output": {"check_pass": True},
+                "usage": {"image_count": 1},
+            }
+            responses = {
+                **submit_responses(),
+                "200": json_response(
+                    "DashScope's answer, unchanged.",
+                    CheckResponseSchema,
+                    {"passed": {"value": checked}},
+                ),
+            }
+            summary = "Call a synchronous check"
+            description = (
+                "Forwarded without `X-DashScope-Async` and answered as DashScope answers it; "
+                "nothing is recorded."
+            )
+        spec.path(
+            path=f"/{service.path}",
+            operations={
+                "post": {
+                    "operationId": "".join(
+                        part.capitalize() for part in service.path.replace("/", "-").split("-")
+                    ),
+                    "tags": ["video synthesis"],
+                    "summary": f"{summary}: {service.serves}",
+                    "description": description,
+                    "requestBody": submit_body(example),
+                    "responses": responses,
+                }
+            },
+        )
+
+
+def add_upload_path(spec: APISpec) -> None:
+    """Describe getPolicy, the first step of DashScope's upload flow."""
+    policy = {
+        "request_id": EXAMPLE_REQUEST_ID,
+        "data": {
+            "policy": "eyJleHBpcmF0aW9uIjog...",
+            "signature": "gN5Y...",
+            "upload_dir": "dashscope-instant/1a2b/2025-09-25/0385dc79",
+            "upload_host": "https://dashscope-file-mgr.oss-cn-beijing.aliyuncs.com",
+            "expire_in_seconds": 300,
+            "oss_access_key_id": "LTAI...",
+            "x_oss_object_acl": "private",
+            "x_oss_forbid_overwrite": "true",
+        },
+    }
+    responses = submit_responses()
+    responses["200"] = json_response(
+        "DashScope's policy, unchanged: upload the file to `upload_host`, then submit "
+        "`oss://{upload_dir}/{filename}` for the same model.",
+        PolicyResponseSchema,
+        {"policy": {"value": policy}},
+    )
+    spec.path(
+        path="/uploads",
+        operations={
+            "get": {
+                "operationId": "getUploadPolicy",
+                "tags": ["uploads"],
+                "summary": "Get an upload policy for a model (`action=getPolicy&model=M`)",
+                "description": "Asked of the account's channel for the model; the upload "
+                "directory is bound to the account, that channel and the model for 48 h.",
+                "parameters": [
+                    {
+                        "in": "query",
+                        "name": "action",
+                        "required": True,
+                        "schema": {"type": "string", "enum": ["getPolicy"]},
+                    },
+                    {
+                        "in": "query",
+                        "name": "model",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    },
+                ],
                 "responses": responses,
             }
         },

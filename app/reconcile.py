@@ -45,6 +45,7 @@ from app.store.submissions import (
     record_orphan,
 )
 from app.store.tasks import archive_tasks, due_for_refresh
+from app.store.uploads import forget_expired_uploads
 from app.upstream import UpstreamAnswer, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -429,6 +430,8 @@ class Reconciler:
             report.archived += moved
             if moved < ARCHIVE_BATCH:
                 break
+        # Upload directories DashScope has deleted its files from (after 48 h) bind nothing.
+        forget_expired_uploads(self.gateway.engine, now)
 
     # ------------------------------------------------------------------ in the service
 

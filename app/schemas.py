@@ -13,7 +13,7 @@ MAX_BODY_DEPTH = 64
 # The last task-list page asked for: far past any account's tasks (pages of up to 100), and
 # an offset that every database's integer holds (PostgreSQL's and SQLite's are 64-bit).
 MAX_PAGE_NO = 2_147_483_647
-TASK_STATUSES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN")
+TASK_STATUSES = ("PENDING", "RUNNING", "SUSPENDED", "SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN")
 # DashScope's task-list time filters: YYYYMMDDhhmmss (taken as UTC here).
 LIST_TIME_FORMAT = "%Y%m%d%H%M%S"
 
@@ -169,6 +169,21 @@ class SubmitResponseSchema(_OpenSchema):
     output = fields.Nested(SubmitOutputSchema, required=True)
 
 
+class CheckResponseSchema(_OpenSchema):
+    """DashScope's answer to a synchronous check, forwarded as it came."""
+
+    request_id = fields.String(required=True)
+    output = fields.Dict(required=True, metadata={"description": "`check_pass` and the findings."})
+    usage = fields.Dict(metadata={"description": "What was billed, e.g. `image_count`."})
+
+
+class PolicyResponseSchema(_OpenSchema):
+    """DashScope's getPolicy answer, forwarded as it came."""
+
+    request_id = fields.String(required=True)
+    data = fields.Dict(required=True, metadata={"description": "The OSS form fields and host."})
+
+
 class TaskOutputSchema(_OpenSchema):
     """The `output` of a task query; which fields appear depends on the task's status."""
 
@@ -211,6 +226,20 @@ class TaskListItemSchema(_OpenSchema):
     end_time = fields.Integer(allow_none=True, metadata={"description": "Epoch milliseconds."})
 
 
+class TaskListTaskSchema(_OpenSchema):
+    """One task of a task-list page as SDK 2.x reads it: the types of a task query's `output`."""
+
+    task_id = fields.String(required=True)
+    task_status = fields.String(required=True, validate=validate.OneOf(TASK_STATUSES))
+    model_name = fields.String(required=True)
+    api_key_id = fields.String(metadata={"description": "The gateway key that submitted it."})
+    submit_time = fields.String(
+        required=True, metadata={"description": "`YYYY-MM-DD HH:MM:SS.mmm`."}
+    )
+    scheduled_time = fields.String(metadata={"description": "When a worker picked the task up."})
+    end_time = fields.String(metadata={"description": "When the task finished."})
+
+
 class TaskListResponseSchema(_OpenSchema):
     """A page of the account's tasks, in DashScope's task-list format."""
 
@@ -220,6 +249,11 @@ class TaskListResponseSchema(_OpenSchema):
     page_no = fields.Integer(required=True)
     page_size = fields.Integer(required=True)
     data = fields.List(fields.Nested(TaskListItemSchema), required=True)
+    tasks = fields.List(
+        fields.Nested(TaskListTaskSchema),
+        required=True,
+        metadata={"description": "The same tasks as `data`, for SDK 2.x's `jobs.list`."},
+    )
 
 
 class ErrorSchema(_OpenSchema):

@@ -54,6 +54,8 @@ class SubmitRequest:
     headers: Mapping[str, str]
     # The body's `parameters`, when the caller has parsed it already.
     parameters: Mapping[str, Any] | None = None
+    # The one channel that may take it (the holder of its uploaded files), or any.
+    only_channel: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ def submit_paid(gateway: Gateway, request: SubmitRequest) -> Submitted:
             request.body,
             request.headers,
             before_send=submission.before_send,
+            only=request.only_channel,
         )
     except UpstreamError:
         # The submit may have created a task: the row stays in flight, and the reconciler

@@ -42,11 +42,15 @@ USER_AGENT = "bailian-gateway/0.1"
 # HTTP/1.1, and every header costs each call a copy, a check and an encoding.
 BASE_HEADERS = {"User-Agent": USER_AGENT, "Accept-Encoding": requests.utils.DEFAULT_ACCEPT_ENCODING}
 # Headers a client may send that DashScope honours and that mean the same through a gateway.
-FORWARDED_SUBMIT_HEADERS = ("X-DashScope-DataInspection",)
+OSS_RESOLVE_HEADER = "X-DashScope-OssResourceResolve"
+FORWARDED_SUBMIT_HEADERS = ("X-DashScope-DataInspection", OSS_RESOLVE_HEADER)
 # Each operation's method and the headers it adds to BASE_HEADERS and the channel's key.
 OPERATIONS: dict[str, tuple[str, dict[str, str]]] = {
     "submit": ("POST", {"Content-Type": "application/json", "X-DashScope-Async": "enable"}),
+    # A synchronous service (a face check): DashScope refuses the async header there with 403.
+    "check": ("POST", {"Content-Type": "application/json"}),
     "query": ("GET", {}),
+    "policy": ("GET", {}),
     "cancel": ("POST", {}),
     "list": ("GET", {}),
 }
@@ -337,6 +341,29 @@ class DashScopeClient:
         submit_session, _ = self._sessions()
         call = _Call.of(channel, "submit", service_path)
         return self._send(channel, submit_session, call, prepared)
+
+    def call_service(
+        self,
+        channel: Channel,
+        service_path: str,
+        body: bytes,
+        client_headers: Mapping[str, str] | None = None,
+    ) -> UpstreamAnswer:
+        """Send a client's body unchanged to a synchronous service of the channel."""
+        prepared = self._prepare(channel, "check", service_path, body)
+        for name, value in (client_headers or {}).items():
+            if name in FORWARDED_SUBMIT_HEADERS:
+                prepared.headers[name] = value
+        submit_session, _ = self._sessions()  # no retries inside: the caller fails over
+        call = _Call.of(channel, "check", service_path)
+        return self._send(channel, submit_session, call, prepared)
+
+    def get_upload_policy(self, channel: Channel, model: str) -> UpstreamAnswer:
+        """Ask the channel for an upload policy for the model (DashScope's getPolicy)."""
+        _, query_session = self._sessions()  # idempotent: it hands out a fresh directory
+        call = _Call.of(channel, "policy", "uploads")
+        path = f"uploads?{urlencode({'action': 'getPolicy', 'model': model})}"
+        return self._send(channel, query_session, call, self._prepare(channel, "policy", path))
 
     def query_task(self, channel: Channel, task_id: str) -> UpstreamAnswer:
         """Ask the channel that created a task about its status."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import math
 import re
 import threading
@@ -10,7 +14,7 @@ import uuid
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -27,7 +31,19 @@ DEFAULTS: dict[str, Any] = {
 SUBMIT_PATHS = (
     "/api/v1/services/aigc/video-generation/video-synthesis",
     "/api/v1/services/aigc/image2video/video-synthesis",
+    "/api/v1/services/aigc/image2video/aa-template-generation",
 )
+# Synchronous checks, and what each answers about an image that passes.
+CHECK_PATHS = {
+    "/api/v1/services/aigc/image2video/face-detect": {
+        "check_pass": True,
+        "humanoid": True,
+        "face_bbox": [302, 286, 610, 593],
+        "ext_bbox": [71, 9, 840, 778],
+    },
+    "/api/v1/services/aigc/image2video/aa-detect": {"check_pass": True, "bodystyle": "full"},
+}
+CHECK_REFUSED = "The image does not pass the check."
 
 SECONDS = r"(\d+(?:\.\d*)?|\.\d+)"
 SLEEP_MARKER = re.compile(rf"\[sleep={SECONDS}\]")
@@ -53,6 +69,11 @@ HTTP_CODES = {
     413: "BadRequest.TooLarge",
     500: "InternalError",
 }
+
+# The OSS bucket this simulator plays, and the secret it signs upload policies with.
+OSS_PATH = "/_oss/upload"
+POLICY_SECRET = b"simulated-oss-secret"
+POLICY_SECONDS = 300
 
 FAILED_MESSAGE = "The algorithm failed to generate the video, please try again later."
 
@@ -83,6 +104,12 @@ class State:
     queries: int = 0
     cancels: int = 0
     lists: int = 0
+    checks: int = 0
+    last_check: dict[str, Any] | None = None
+    # getPolicy's upload directories and the objects uploaded under them: (key, model) each.
+    policies: dict[str, tuple[str, str]] = field(default_factory=dict)
+    objects: dict[str, tuple[str, str]] = field(default_factory=dict)
+    uploads: int = 0
     queries_by_task: Counter[str] = field(default_factory=Counter)
     submits_by_prompt: Counter[str] = field(default_factory=Counter)
     last_submit: dict[str, Any] | None = None
@@ -92,6 +119,10 @@ class State:
         with self.lock:
             self.tasks.clear()
             self.requests_total = self.submits = self.queries = self.cancels = self.lists = 0
+            self.checks = self.uploads = 0
+            self.last_check = None
+            self.policies.clear()
+            self.objects.clear()
             self.queries_by_task.clear()
             self.submits_by_prompt.clear()
             self.last_submit = None
@@ -171,6 +202,23 @@ def usage_duration(prompt: str, parameters: dict[str, Any]) -> int | float:
     return duration if isinstance(duration, int | float) and not isinstance(duration, bool) else 5
 
 
+def sign(policy: str) -> str:
+    """Return the simulated OSS signature of a policy document."""
+    digest = hmac.new(POLICY_SECRET, policy.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+def oss_inputs(value: Any) -> list[str]:
+    """Return every `oss://` string anywhere in a value."""
+    if isinstance(value, str):
+        return [value] if value.startswith("oss://") else []
+    if isinstance(value, dict):
+        return [url for item in value.values() for url in oss_inputs(item)]
+    if isinstance(value, list):
+        return [url for item in value for url in oss_inputs(item)]
+    return []
+
+
 def create_simulator(config: dict[str, Any] | None = None) -> Flask:
     """Build a Flask app that simulates DashScope's async video API."""
     cfg = {**DEFAULTS, **(config or {})}
@@ -182,6 +230,8 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
     state = State()
 
     app = Flask(__name__)
+    # DashScope answers the same with and without a trailing slash.
+    app.url_map.strict_slashes = False
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["simulator"] = state
 
@@ -220,6 +270,77 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
             return "RUNNING"
         return "FAILED" if task.fail else "SUCCEEDED"
 
+    def unresolved(body: dict[str, Any], key: str) -> tuple[Response, int] | None:
+        """Return DashScope's error if an `oss://` input cannot be resolved for this key."""
+        urls = oss_inputs(body.get("input"))
+        if not urls:
+            return None
+        if request.headers.get("X-DashScope-OssResourceResolve", "").lower() != "enable":
+            return error(400, "InvalidParameter", "The oss:// URL needs OssResourceResolve.")
+        for url in urls:
+            with state.lock:
+                found = state.objects.get(url.removeprefix("oss://"))
+            # A file belongs to the account and the model its policy was for.
+            if found != (key, str(body.get("model"))):
+                return error(400, "InvalidParameter", f"The file {url} cannot be resolved.")
+        return None
+
+    @app.get("/api/v1/uploads")
+    def get_policy() -> Any:
+        """Hand out an upload policy for a model, to this simulator's own OSS host."""
+        key = authenticate()
+        if not isinstance(key, str):
+            return key
+        model = request.args.get("model")
+        if request.args.get("action") != "getPolicy" or not model:
+            return error(400, "InvalidParameter", "action=getPolicy and model are required.")
+        upload_dir = f"dashscope-instant/{api_key_id(key)}/{time.strftime('%Y-%m-%d')}/{new_id()}"
+        expires = datetime.now(UTC) + timedelta(seconds=POLICY_SECONDS)
+        document = {
+            "expiration": expires.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+            "conditions": [["starts-with", "$key", upload_dir]],
+        }
+        policy = base64.b64encode(json.dumps(document).encode()).decode()
+        with state.lock:
+            state.policies[upload_dir] = (key, model)
+        return jsonify(
+            request_id=new_id(),
+            data={
+                "policy": policy,
+                "signature": sign(policy),
+                "upload_dir": upload_dir,
+                "upload_host": request.host_url.rstrip("/") + OSS_PATH,
+                "expire_in_seconds": POLICY_SECONDS,
+                "max_file_size_mb": 100,
+                "capacity_limit_mb": 999999999,
+                "oss_access_key_id": "LTAI-simulated",
+                "x_oss_object_acl": "private",
+                "x_oss_forbid_overwrite": "true",
+            },
+        )
+
+    @app.post(OSS_PATH)
+    def oss_upload() -> Any:
+        """Take a multipart POST upload as OSS does, checking the policy and its signature."""
+        form = request.form
+        policy, key = form.get("policy", ""), form.get("key", "")
+        upload = request.files.get("file")
+        if not hmac.compare_digest(form.get("Signature", ""), sign(policy)):
+            return Response("SignatureDoesNotMatch", status=403, mimetype="application/xml")
+        document = json.loads(base64.b64decode(policy))
+        prefix = document["conditions"][0][2]
+        with state.lock:
+            owner = state.policies.get(prefix)
+        if owner is None or not key.startswith(prefix + "/") or upload is None:
+            return Response("AccessDenied", status=403, mimetype="application/xml")
+        if form.get("OSSAccessKeyId") != "LTAI-simulated":
+            return Response("InvalidAccessKeyId", status=403, mimetype="application/xml")
+        upload.read()
+        with state.lock:
+            state.objects[key] = owner
+            state.uploads += 1
+        return Response(status=int(form.get("success_action_status") or 204))
+
     @app.before_request
     def count_and_delay() -> None:
         # Latency applies to every upstream call so benchmarks see a realistic round trip.
@@ -237,8 +358,40 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
         code = HTTP_CODES.get(status, (exc.name or "Error").replace(" ", ""))
         return error(status, code, exc.description or exc.name or "")
 
+    def check() -> Any:
+        """Answer a synchronous image check at once; `[reject]` in a URL fails it."""
+        body = request.get_json(force=True, silent=True)
+        with state.lock:
+            state.checks += 1
+            state.last_check = {
+                "headers": {k.lower(): v for k, v in request.headers.items()},
+                "body": body,
+                "path": request.path,
+            }
+        key = authenticate()
+        if not isinstance(key, str):
+            return key
+        if request.headers.get("X-DashScope-Async", "").strip().lower() == "enable":
+            return error(
+                403, "AccessDenied", "current user api does not support asynchronous calls"
+            )
+        if not isinstance(body, dict) or not body.get("model"):
+            return error(400, "BadRequest.EmptyModel", 'Required parameter "model" missing.')
+        if not isinstance(body.get("input"), dict):
+            return error(400, "BadRequest.EmptyInput", 'Required parameter "input" missing.')
+        if (refused := unresolved(body, key)) is not None:
+            return refused
+        output: dict[str, Any] = dict(CHECK_PATHS[request.path.rstrip("/")])
+        if "[reject]" in str(body["input"]):
+            output = {"check_pass": False, "code": "InvalidFile.Content", "message": CHECK_REFUSED}
+        return jsonify(request_id=new_id(), output=output, usage={"image_count": 1})
+
+    for check_path in CHECK_PATHS:
+        app.add_url_rule(check_path, f"check {check_path}", check, methods=["POST"])
+
     @app.post(SUBMIT_PATHS[0])
     @app.post(SUBMIT_PATHS[1])
+    @app.post(SUBMIT_PATHS[2])
     def submit() -> Any:
         """Accept an async video task."""
         body = request.get_json(force=True, silent=True)
@@ -263,6 +416,8 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
             return error(400, "BadRequest.EmptyInput", 'Required parameter "input" missing.')
         if not isinstance(body["input"], dict):
             return error(400, "InvalidParameter", 'Parameter "input" must be an object.')
+        if (refused := unresolved(body, key)) is not None:
+            return refused
 
         prompt = body["input"].get("prompt")
         prompt = prompt if isinstance(prompt, str) else ""
@@ -465,6 +620,9 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
                 queries=state.queries,
                 cancels=state.cancels,
                 lists=state.lists,
+                checks=state.checks,
+                uploads=state.uploads,
+                last_check=state.last_check,
                 queries_by_task=dict(state.queries_by_task),
                 tasks=len(state.tasks),
                 last_submit=state.last_submit,

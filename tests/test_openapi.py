@@ -20,7 +20,9 @@ from openapi_spec_validator import validate
 from app.openapi import API_PREFIX, openapi_document
 from app.schemas import (
     CancelResponseSchema,
+    CheckResponseSchema,
     ErrorSchema,
+    PolicyResponseSchema,
     SubmitResponseSchema,
     TaskListResponseSchema,
     TaskNotExistSchema,
@@ -34,6 +36,8 @@ HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "tra
 # Documentation-only schemas, by the component name apispec gives them.
 RESPONSE_SCHEMAS: dict[str, type[Schema]] = {
     "SubmitResponse": SubmitResponseSchema,
+    "CheckResponse": CheckResponseSchema,
+    "PolicyResponse": PolicyResponseSchema,
     "TaskResponse": TaskResponseSchema,
     "CancelResponse": CancelResponseSchema,
     "TaskListResponse": TaskListResponseSchema,

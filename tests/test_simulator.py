@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import queue
 import subprocess
 import sys
@@ -651,3 +652,65 @@ def test_stats_list_tasks_and_submits_by_prompt() -> None:
     client.post("/_sim/reset")
     stats = client.get("/_sim/stats").json
     assert (stats["task_list"], stats["submits_by_prompt"]) == ([], {})
+
+
+FACE_DETECT = "/api/v1/services/aigc/image2video/face-detect"
+AA_DETECT = "/api/v1/services/aigc/image2video/aa-detect"
+
+
+def test_checks_answer_at_once_and_refuse_the_async_header(client: FlaskClient) -> None:
+    check = {"model": "emo-detect-v1", "input": {"image_url": "https://e.com/face.png"}}
+
+    face = client.post(FACE_DETECT, json=check, headers=headers(async_=None))
+    body_check = client.post(AA_DETECT + "/", json=check, headers=headers(async_=None))
+    rejected = {**check, "input": {"image_url": "https://e.com/[reject].png"}}
+    failed = client.post(FACE_DETECT, json=rejected, headers=headers(async_=None))
+    refused = client.post(FACE_DETECT, json=check, headers=headers())
+
+    assert face.status_code == 200
+    assert face.json["output"]["check_pass"] is True
+    assert face.json["usage"] == {"image_count": 1}
+    assert body_check.json["output"]["bodystyle"] == "full"
+    assert failed.json["output"]["check_pass"] is False
+    assert (refused.status_code, refused.json["code"]) == (403, "AccessDenied")
+    assert client.post(FACE_DETECT, json=check).status_code == 401
+    stats = client.get("/_sim/stats").json
+    assert stats["checks"] == 5
+    assert stats["tasks"] == 0
+    assert client.post(T2V + "/", json=body(), headers=headers()).status_code == 200
+
+
+def test_uploads_resolve_only_with_the_header_for_the_key_and_model(client: FlaskClient) -> None:
+    got = client.get(
+        "/api/v1/uploads?action=getPolicy&model=wan2.5-i2v-preview", headers=headers()
+    ).json["data"]
+    form = {
+        "OSSAccessKeyId": got["oss_access_key_id"],
+        "Signature": got["signature"],
+        "policy": got["policy"],
+        "key": f"{got['upload_dir']}/cat.png",
+        "x-oss-object-acl": got["x_oss_object_acl"],
+        "x-oss-forbid-overwrite": got["x_oss_forbid_overwrite"],
+        "success_action_status": "200",
+    }
+    path = got["upload_host"].removeprefix("http://localhost")
+    forged = client.post(
+        path, data={**form, "Signature": "forged", "file": (io.BytesIO(b"x"), "a")}
+    )
+    uploaded = client.post(path, data={**form, "file": (io.BytesIO(b"png"), "cat.png")})
+    assert forged.status_code == 403
+    assert uploaded.status_code == 200
+
+    def submit(key: str, model: str, resolve: bool) -> Any:
+        body = {"model": model, "input": {"prompt": "p", "img_url": f"oss://{form['key']}"}}
+        extra = {"X-DashScope-OssResourceResolve": "enable"} if resolve else {}
+        return client.post(T2V, json=body, headers={**headers(key), **extra})
+
+    assert submit(KEY, "wan2.5-i2v-preview", True).status_code == 200
+    for key, model, resolve in (
+        (KEY, "wan2.5-i2v-preview", False),
+        (OTHER_KEY, "wan2.5-i2v-preview", True),
+        (KEY, "wan2.5-t2v-preview", True),
+    ):
+        answer = submit(key, model, resolve)
+        assert (answer.status_code, answer.json["code"]) == (400, "InvalidParameter")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -13,9 +13,11 @@ from flask import Blueprint, Response, current_app, g, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from app import refresh
+from app import refresh, task_list, uploads
 from app.auth import authenticate
 from app.billing.prices import to_cent
+from app.bodies import DuplicateKey, loads_unique, oss_urls
+from app.checks import check_with_failover
 from app.config import Channel
 from app.errors import ApiError, model_not_found, task_not_exist
 from app.gateway import current_gateway
@@ -28,6 +30,7 @@ from app.schemas import (
     validation_message,
     video_synthesis_request_schema,
 )
+from app.services import BY_PATH, SERVICES
 from app.store import (
     Caller,
     Task,
@@ -40,6 +43,7 @@ from app.store import (
 from app.submitting import SubmitRequest, Submitted, submit_paid
 from app.upstream import (
     FORWARDED_SUBMIT_HEADERS,
+    OSS_RESOLVE_HEADER,
     UpstreamAnswer,
     UpstreamBrokenAnswer,
 )
@@ -67,26 +71,96 @@ def end_turn(_error: BaseException | None) -> None:
 TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-@bp.post("/services/aigc/<any('video-generation', 'image2video'):group>/video-synthesis")
-def submit_video_synthesis(group: str) -> Response:
-    """Forward a video-synthesis submit unchanged and remember which account owns the task."""
+def submit_video_synthesis(group: str, function: str) -> Response:
+    """Forward an async task's submit unchanged and remember which account owns the task."""
     caller = authenticate()
     body, model, parameters = load_submit_body()
     ensure_model_allowed(caller, model)
     gateway = current_gateway()
+    holder = oss_upload_channel(caller, model)
     submit = SubmitRequest(
         caller,
         model,
-        f"services/aigc/{group}/video-synthesis",
+        BY_PATH[(group, function)].path,
         body,
         forwarded_headers(),
         parameters,
+        holder,
     )
     # The upstream call and any wait on the database for its record: neither needs the CPU.
     with gateway.turns.set_aside():
         submitted = submit_paid(gateway, submit)
     count_submit(submitted.channel, model, submitted.answer)
     return with_money_headers(native_response(submitted.answer), submitted)
+
+
+def call_synchronous_service(group: str, function: str) -> Response:
+    """Forward a synchronous check unchanged (no async header) and answer what DashScope said."""
+    caller = authenticate()
+    body, model, _parameters = load_submit_body()
+    gateway = current_gateway()
+    # A check makes no video to price: a channel serving the model and the key's allowlist do.
+    if not any(model in channel.models for channel in gateway.pool.channels):
+        raise model_not_found(model)
+    if not caller.may_use(model):
+        raise model_not_found(model)
+    path = BY_PATH[(group, function)].path
+    only = uploads.only_channel(gateway.pool, oss_upload_channel(caller, model))
+    with gateway.turns.set_aside():
+        channel, answer = check_with_failover(
+            gateway.pool, gateway.client, model, path, body, forwarded_headers(), only
+        )
+    g.channel = channel.name
+    return native_response(answer)
+
+
+@bp.get("/uploads")
+def get_upload_policy() -> Response:
+    """Forward DashScope's getPolicy to the account's channel and remember the upload directory."""
+    caller = authenticate()
+    if request.args.get("action") != "getPolicy":
+        raise ApiError(400, "InvalidParameter", "action: must be getPolicy.")
+    model = request.args.get("model") or ""
+    if not model:
+        raise ApiError(400, "BadRequest.EmptyModel", 'Required parameter "model" missing.')
+    g.model = model
+    ensure_model_allowed(caller, model)
+    limiter = current_app.extensions.setdefault(
+        "policy_limiter", uploads.RateLimiter(uploads.POLICY_RATE, uploads.POLICY_BURST)
+    )
+    if not limiter.allow(caller.key_id):
+        raise ApiError(429, "Throttling.RateQuota", "Too many upload policies, slow down.")
+    gateway = current_gateway()
+    channel = uploads.policy_channel(gateway, caller, model)
+    with gateway.turns.set_aside():
+        answer = gateway.client.get_upload_policy(channel, model)
+    if answer.status in (401, 403):
+        gateway.pool.report_failure(channel, auth=True)
+        raise UpstreamBrokenAnswer(
+            channel.name, f"getPolicy refused the channel key ({answer.status})"
+        )
+    g.channel = channel.name
+    if answer.status == 200:
+        uploads.remember_policy(gateway, caller, channel, model, answer.data)
+    return native_response(answer)
+
+
+def oss_upload_channel(caller: Caller, model: str) -> str | None:
+    """Return the channel holding the submit's `oss://` files, or fail naming the field."""
+    try:
+        return uploads.upload_channel(current_gateway(), caller, model, g.get("submit_input"))
+    except uploads.OssInputRefused as exc:
+        raise ApiError(400, "InvalidParameter", str(exc)) from None
+
+
+# One rule per service DashScope has (app/services.py): any other function is a native 404.
+for _service in SERVICES:
+    bp.add_url_rule(
+        f"/services/aigc/{_service.group}/{_service.function}",
+        view_func=submit_video_synthesis if _service.asynchronous else call_synchronous_service,
+        methods=["POST"],
+        defaults={"group": _service.group, "function": _service.function},
+    )
 
 
 @bp.get("/tasks/<task_id>")
@@ -154,9 +228,13 @@ def load_submit_body() -> tuple[bytes, str, dict[str, Any] | None]:
         # A chunked body is cut at the limit rather than refused; refuse it the same way.
         raise RequestEntityTooLarge()
     try:
-        data = json.loads(body)
+        data = loads_unique(body)
     except RecursionError:  # nested past the interpreter's stack: far past MAX_BODY_DEPTH
         raise nested_too_deeply() from None
+    except DuplicateKey as exc:
+        raise ApiError(
+            400, "InvalidParameter", f"The request body repeats the key {json.dumps(exc.key)}."
+        ) from None
     except ValueError:
         raise ApiError(400, "InvalidParameter", "The request body is not valid JSON.") from None
     if deeper_than(data, MAX_BODY_DEPTH):
@@ -175,6 +253,7 @@ def load_submit_body() -> tuple[bytes, str, dict[str, Any] | None]:
     if errors:
         raise ApiError(400, "InvalidParameter", first_error(errors))
     g.model = data["model"]
+    g.submit_input = data["input"]
     parameters = data.get("parameters")
     return body, data["model"], parameters if isinstance(parameters, dict) else None
 
@@ -199,9 +278,13 @@ def nested_too_deeply() -> ApiError:
 def forwarded_headers() -> dict[str, str]:
     """Return the client's headers that mean the same to DashScope through a gateway."""
     # request.headers ignores case, so a client's spelling of the name does not matter.
-    return {
+    headers = {
         name: request.headers[name] for name in FORWARDED_SUBMIT_HEADERS if name in request.headers
     }
+    if any(oss_urls(g.get("submit_input"))):
+        # What the SDK sends with a file it uploaded: DashScope fails such a submit without it.
+        headers[OSS_RESOLVE_HEADER] = "enable"
+    return headers
 
 
 def ensure_model_allowed(caller: Caller, model: str) -> None:
@@ -281,31 +364,9 @@ def cannot_cancel() -> ApiError:
 
 
 def task_list_response(total: int, page: list[Task], page_no: int, page_size: int) -> Response:
-    """Render a page of tasks the way DashScope's task list does."""
-    body = {
-        "request_id": g.request_id,
-        "total": total,
-        "total_page": -(-total // page_size),
-        "page_no": page_no,
-        "page_size": page_size,
-        "data": [
-            {
-                "task_id": task.task_id,
-                "status": task.status,
-                "model_name": task.model,
-                "api_key_id": str(task.key_id),
-                "gmt_create": epoch_ms(task.submitted_at),
-                "end_time": epoch_ms(task.finished_at) if task.finished_at else None,
-            }
-            for task in page
-        ],
-    }
-    return Response(json.dumps(body), status=200, mimetype="application/json")
-
-
-def epoch_ms(moment: datetime) -> int:
-    """Return a naive UTC time as epoch milliseconds."""
-    return int(moment.replace(tzinfo=UTC).timestamp() * 1000)
+    """Render a page of tasks the way DashScope's task list does, for both SDKs."""
+    body = task_list.list_body(g.request_id, total, page, page_no, page_size)
+    return Response(body, status=200, mimetype="application/json")
 
 
 def stored_answer(task: Task, reason: str, stale: str | None = None) -> Response:

@@ -271,3 +271,21 @@ ledger = Table(
 
 Index("ix_ledger_at", ledger.c.at)
 Index("ix_ledger_account_at", ledger.c.account_id, ledger.c.at)
+
+# The upload directories DashScope's getPolicy gave out through the gateway: an `oss://` input
+# may name a file only under a directory its account obtained, for the same model, and goes to
+# the channel (DashScope account) that holds the file. DashScope keeps the files 48 h.
+uploads = Table(
+    "uploads",
+    metadata,
+    Column("upload_dir", String(512), primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("channel", String(200), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("expires_at", DateTime, nullable=False),
+)
+# The sticky channel of an account and model: its newest upload still valid.
+Index(
+    "ix_uploads_account_model_expires", uploads.c.account_id, uploads.c.model, uploads.c.expires_at
+)

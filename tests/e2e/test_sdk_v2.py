@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -11,10 +14,22 @@ import pytest
 from dashscope.v2 import Client
 from dashscope.v2.errors import DashScopeError
 
-from .conftest import SIM_KEY, T2V, UPSTREAM_SUBMIT_PATH, Gateway, Keys, Simulator
+from .conftest import (
+    SIM_KEY,
+    SLOW_MODEL,
+    SLOW_PROMPT,
+    T2V,
+    UPSTREAM_SUBMIT_PATH,
+    Gateway,
+    Keys,
+    Simulator,
+)
 
 if TYPE_CHECKING:
     from dashscope.v2.resources._jobs import Job
+
+# How long the simulator sleeps on SLOW_PROMPT before it creates the task.
+SLEEP_SECONDS = float(re.search(r"\[sleep=([0-9.]+)\]", SLOW_PROMPT)[1])  # type: ignore[index]
 
 
 def wait(client: Client, job: Job | str) -> Job:
@@ -113,3 +128,22 @@ def test_foreign_task_is_task_not_exist(
         bob.videos.jobs.fetch(job.task_id)
     assert raised.value.code == "task_not_exist"
     assert raised.value.status_code == 400
+
+
+def test_a_timed_out_submit_is_sent_once(
+    make_client: Callable[[str], tuple[Client, list[httpx.Request]]],
+    keys: Keys,
+    simulator: Simulator,
+) -> None:
+    # SDK 2.x resends a POST on a 504 unless told not to: a second video would be billed.
+    client, sent = make_client(keys.alice)
+    prompt = f"{SLOW_PROMPT} {uuid.uuid4()}"
+
+    with pytest.raises(DashScopeError) as raised:
+        client.videos.jobs.create(model=SLOW_MODEL, prompt=prompt)
+    assert raised.value.status_code == 504
+
+    assert len([r for r in sent if r.method == "POST"]) == 1
+    # The simulator creates the task once its sleep is over, for each submit that reached it.
+    time.sleep(SLEEP_SECONDS + 1)
+    assert simulator.stats()["submits_by_prompt"].get(prompt) == 1
