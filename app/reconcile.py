@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from functools import partial
 from typing import Any
 
@@ -25,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app import refresh
 from app.billing.ledger import Settlement, outstanding, unsettled_final_tasks
-from app.billing.prices import to_cent
+from app.billing.prices import Estimate, estimate, to_cent
 from app.billing.settlement import settle
 from app.config import Channel
 from app.gateway import Gateway
@@ -180,17 +181,20 @@ class Reconciler:
                 self.gateway.journal.reject(entry)
                 self._event(report, "journal line rejected", logging.ERROR)
                 return
+            owner = Owner(
+                int(entry["account_id"]),
+                int(entry["key_id"]),
+                str(entry["channel"]),
+                str(entry["model"]),
+                accepted.accepted_at,
+                str(entry.get("service_path", "")),
+                str(entry.get("body_sha256", "")),
+            )
             try:
-                record_accepted(self.gateway.engine, accepted, by="journal")
+                record_accepted(self.gateway.engine, accepted, by="journal", owner=owner)
             except LookupError:
-                owner = Owner(
-                    int(entry["account_id"]),
-                    int(entry["key_id"]),
-                    str(entry["channel"]),
-                    str(entry["model"]),
-                    accepted.accepted_at,
-                )
-                record_orphan(self.gateway.engine, accepted, owner)
+                cost = self._estimate_of(entry)
+                record_orphan(self.gateway.engine, accepted, owner, cost)
             metrics.journal_lines.labels("replayed").inc()
             report.replayed += 1
             self._event(
@@ -202,6 +206,18 @@ class Reconciler:
             )
 
         self.gateway.journal.replay(apply)
+
+    def _estimate_of(self, entry: Entry) -> Estimate | None:
+        """Return a journal line's estimate, or the model's default one for an older line."""
+        try:
+            return Estimate(
+                str(entry["estimate_tier"]),
+                Decimal(str(entry["estimate_seconds"])),
+                Decimal(str(entry["estimate"])),
+            )
+        except (KeyError, ArithmeticError):
+            pricing = self.settings.pricing.get(str(entry["model"]))
+            return estimate(pricing, None) if pricing is not None else None
 
     # ------------------------------------------------------------------ submissions in flight
 

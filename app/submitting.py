@@ -201,6 +201,12 @@ class _Submission:
             "key_id": self.request.caller.key_id,
             "channel": channel.name,
             "model": self.request.model,
+            # What a replay needs to write the submission anew, were its row ever lost.
+            "service_path": self.request.service_path,
+            "body_sha256": hashlib.sha256(self.request.body).hexdigest(),
+            "estimate": str(self.reservation.estimate.amount),
+            "estimate_tier": self.reservation.estimate.tier,
+            "estimate_seconds": str(self.reservation.estimate.seconds),
         }
         where = {"task_id": accepted.task_id, "channel": channel.name}
         try:

@@ -8,6 +8,7 @@ import logging
 import shutil
 import threading
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from app.reconcile import Reconciler
 from app.store import find_caller, hash_secret, utcnow
 from app.store.leases import acquire_lease
 from app.store.submissions import write_ahead
-from app.store.tables import submissions, task_archive, tasks
+from app.store.tables import ledger, submissions, task_archive, tasks
 from tests.conftest import BASE_CONFIG, PRIMARY, SUBMIT_PATH, bearer, new_key
 from tests.test_metrics import Meter
 
@@ -294,6 +295,64 @@ def test_a_task_the_database_refuses_is_journaled_answered_and_replayed_once(
     assert any(line.startswith("journal replayed task_id=t-journaled") for line in first.lines)
     query = app.test_client().get("/alibailian/api/v1/tasks?page_size=10", headers=bearer(key))
     assert [item["task_id"] for item in query.json["data"]] == ["t-journaled"]
+
+
+def test_a_journal_replayed_into_a_restored_database_keeps_owner_and_charges_once(
+    sqlite_app: Any, upstream: responses.RequestsMock
+) -> None:
+    # The database is restored from a backup taken before a journaled submit: the journal's
+    # submission id is free again, and the next submit (another account's) takes it.
+    app, folder = sqlite_app()
+    key_a, key_b = new_key(app, "team-a"), new_key(app, "team-b")
+    app.extensions["gateway"].engine.dispose()
+    backup = folder.with_name("db-backup")
+    shutil.copytree(folder, backup)
+    away: list[Path] = []
+
+    def dashscope(_request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
+        away.append(move_database_away(app, folder))
+        return 200, {}, json.dumps(accepted("t-of-a"))
+
+    upstream.add_callback(responses.POST, UPSTREAM_SUBMIT, callback=dashscope)
+    assert post_submit(app, key_a).status_code == 200
+    assert app.extensions["gateway"].journal.lines() == 1
+    shutil.copytree(backup, folder)
+    upstream.replace(responses.POST, UPSTREAM_SUBMIT, json=accepted("t-of-b"))
+    assert post_submit(app, key_b).status_code == 200
+    [b_submission] = rows(app, submissions)
+    journaled = json.loads(Path(app.extensions["gateway"].journal.path).read_text())
+    assert journaled["submission_id"] == b_submission.id  # the id names b's submission now
+
+    assert reconciler(app, timedelta(0)).run_pass().replayed == 1
+
+    owners = {task.task_id: task.account_id for task in rows(app, tasks)}
+    by_task = {row.task_id: row for row in rows(app, submissions)}
+    assert owners["t-of-b"] == b_submission.account_id
+    assert owners["t-of-a"] == by_task["t-of-a"].account_id != b_submission.account_id
+    assert by_task["t-of-a"].billing_state == "reserved"
+    assert by_task["t-of-a"].estimate == Decimal("1.5")  # 5 s at 480P, 0.3 a second
+    assert by_task["t-of-b"].id == b_submission.id
+    foreign = app.test_client().get("/alibailian/api/v1/tasks/t-of-a", headers=bearer(key_b))
+    assert foreign.json["code"] == "task_not_exist"
+
+    done = {
+        "request_id": "q",
+        "output": {"task_id": "t-of-a", "task_status": "SUCCEEDED", "video_url": "u"},
+        "usage": {"duration": 4.5, "SR": 480},
+    }
+    upstream.get(f"{UPSTREAM_LIST}/t-of-a", json=done)
+    mine = app.test_client().get("/alibailian/api/v1/tasks/t-of-a", headers=bearer(key_a))
+    assert mine.json["output"]["task_status"] == "SUCCEEDED"
+    reconciler(app, LATER).run_pass()  # the catch-up finds nothing more to settle
+
+    charges = [row for row in rows(app, ledger) if row.kind == "charge"]
+    assert [(row.task_id, row.amount) for row in charges] == [("t-of-a", Decimal("1.35"))]
+    of_a = by_task["t-of-a"].id
+    assert [row.kind for row in rows(app, ledger) if row.submission_id == of_a] == [
+        "reserve",
+        "charge",
+        "release",
+    ]
 
 
 def test_sql_parameters_never_reach_an_error_message(app: Flask) -> None:

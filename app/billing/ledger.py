@@ -220,11 +220,16 @@ def reserve(
     submission_id: int,
     model: str,
     now: datetime,
+    enforce_limit: bool = True,
 ) -> Reserved:
-    """Reserve a submit's estimate in the caller's transaction, or raise LimitExceeded."""
+    """Reserve a submit's estimate in the caller's transaction, or raise LimitExceeded.
+
+    Without `enforce_limit` (a task DashScope made already, found again), nothing refuses:
+    the work exists and will be charged, whatever the limit says now.
+    """
     month = period_of(now)
     amount = reservation.estimate.amount
-    limit = get_limit(conn, account_id)
+    limit = get_limit(conn, account_id) if enforce_limit else None
     if not _move_both(conn, account_id, month, reserved=amount, limit=limit):
         assert limit is not None  # only a limit refuses
         spent, reserved = _balance(conn, account_id, limit.period_key(month))

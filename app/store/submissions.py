@@ -17,6 +17,7 @@ from app.billing.ledger import (
     release_submission,
     reserve,
 )
+from app.billing.prices import Estimate
 from app.store.engine import writing
 from app.store.tables import FINAL_STATUSES, submissions, task_archive, tasks
 
@@ -208,11 +209,16 @@ _RESOLVE_ACCEPTED = (
 )
 
 
-def record_accepted(engine: Engine, accepted: AcceptedTask, by: str) -> bool:
+def record_accepted(
+    engine: Engine, accepted: AcceptedTask, by: str, owner: Owner | None = None
+) -> bool:
     """Record the task DashScope created for a submission; False if it was recorded already.
 
     One transaction, and idempotent: recording the same task twice (a journal replayed
     twice, two reconcilers adopting at once) leaves one task and one resolved submission.
+    With an `owner` (a journal line's), the submission must be that owner's and unresolved or
+    resolved to this task, else LookupError: after a restore from a backup, the line's
+    submission id may name another submission now.
     """
     params = {
         "submission_id": accepted.submission_id,
@@ -223,12 +229,21 @@ def record_accepted(engine: Engine, accepted: AcceptedTask, by: str) -> bool:
         "finished_at": accepted.accepted_at if accepted.status in FINAL_STATUSES else None,
         "resolved_by": by,
     }
+    matches = submissions.c.id == accepted.submission_id
+    if owner is not None:
+        matches &= (
+            (submissions.c.account_id == owner.account_id)
+            & (submissions.c.key_id == owner.key_id)
+            & (submissions.c.model == owner.model)
+            & (submissions.c.task_id.is_(None) | (submissions.c.task_id == accepted.task_id))
+        )
     with writing(engine) as conn:
+        mine = owner is None or conn.execute(select(submissions.c.id).where(matches)).first()
+        if not mine:
+            raise LookupError(f"no submission {accepted.submission_id} of this owner")
         inserted = conn.execute(_TASK_OF_SUBMISSION[engine.dialect.name], params).rowcount
         if not inserted:
-            exists = conn.execute(
-                select(submissions.c.id).where(submissions.c.id == accepted.submission_id)
-            ).first()
+            exists = conn.execute(select(submissions.c.id).where(matches)).first()
             if exists is None:
                 raise LookupError(f"no submission {accepted.submission_id}")
             return False  # the task was recorded already
@@ -238,34 +253,77 @@ def record_accepted(engine: Engine, accepted: AcceptedTask, by: str) -> bool:
 
 @dataclass(frozen=True)
 class Owner:
-    """Who sent a submission, where and when: what its task is recorded under."""
+    """Who sent a submission, where, when and what: what its task is recorded under."""
 
     account_id: int
     key_id: int
     channel: str
     model: str
     sent_at: datetime
+    service_path: str = ""
+    body_sha256: str = ""
 
 
-def record_orphan(engine: Engine, accepted: AcceptedTask, owner: Owner) -> bool:
-    """Record a task whose submission row is gone (a database restored from a backup)."""
+def record_orphan(
+    engine: Engine, accepted: AcceptedTask, owner: Owner, cost: Estimate | None
+) -> bool:
+    """Record a task whose submission row is gone (a database restored from a backup).
+
+    The submission is written anew, resolved to the task, with its estimate reserved (no
+    limit refuses a task that exists), so the task is owned, listed and charged once like any
+    other; False if the task was recorded already.
+    """
     with writing(engine) as conn:
-        return bool(
-            conn.execute(
-                _insert_ignoring_duplicates(engine.dialect.name).values(
-                    task_id=accepted.task_id,
-                    account_id=owner.account_id,
-                    key_id=owner.key_id,
-                    channel=owner.channel,
-                    model=owner.model,
-                    status=accepted.status,
-                    upstream_body=accepted.upstream_body,
-                    submitted_at=owner.sent_at,
-                    refreshed_at=accepted.accepted_at,
-                    finished_at=accepted.accepted_at if accepted.status in FINAL_STATUSES else None,
-                )
-            ).rowcount
-        )
+        inserted = conn.execute(
+            _insert_ignoring_duplicates(engine.dialect.name).values(
+                task_id=accepted.task_id,
+                account_id=owner.account_id,
+                key_id=owner.key_id,
+                channel=owner.channel,
+                model=owner.model,
+                status=accepted.status,
+                upstream_body=accepted.upstream_body,
+                submitted_at=owner.sent_at,
+                refreshed_at=accepted.accepted_at,
+                finished_at=accepted.accepted_at if accepted.status in FINAL_STATUSES else None,
+            )
+        ).rowcount
+        if not inserted:
+            return False
+        submission_id = conn.execute(
+            insert(submissions)
+            .values(
+                account_id=owner.account_id,
+                key_id=owner.key_id,
+                model=owner.model,
+                channel=owner.channel,
+                service_path=owner.service_path,
+                body_sha256=owner.body_sha256,
+                state=ACCEPTED,
+                task_id=accepted.task_id,
+                sent_at=owner.sent_at,
+                resolved_at=accepted.accepted_at,
+                resolved_by="journal",
+                estimate=cost.amount if cost else None,
+                estimate_tier=cost.tier if cost else None,
+                estimate_seconds=cost.seconds if cost else None,
+                billing_state=RESERVED if cost else None,
+                billing_period=period_of(accepted.accepted_at) if cost else None,
+            )
+            .returning(submissions.c.id)
+        ).scalar_one()
+        if cost is not None:
+            reserve(
+                conn,
+                Reservation(cost),
+                account_id=owner.account_id,
+                key_id=owner.key_id,
+                submission_id=submission_id,
+                model=owner.model,
+                now=accepted.accepted_at,
+                enforce_limit=False,
+            )
+        return True
 
 
 def in_flight(engine: Engine, sent_before: datetime) -> list[Submission]:
