@@ -144,23 +144,44 @@ def submit_with_failover(
     `before_send` runs before each attempt with the channel about to be tried; what it raises
     stops the submit before that channel is called. `only` names the one channel allowed.
     """
+
+    def attempt(channel: Channel) -> UpstreamAnswer:
+        before_send(channel)
+        return client.submit_task(channel, service_path, body, client_headers)
+
     candidates = [c for c in pool.candidates(model) if only is None or c.name == only]
+    # A resend could bill a second video: only a failure that provably created nothing moves on.
+    return call_with_failover(pool, model, candidates, attempt, lambda exc: exc.nothing_created)
+
+
+def call_with_failover(
+    pool: ChannelPool,
+    model: str,
+    candidates: list[Channel],
+    attempt: Callable[[Channel], UpstreamAnswer],
+    may_move_on: Callable[[UpstreamError], bool],
+) -> tuple[Channel, UpstreamAnswer]:
+    """Return the first candidate's answer that is not a failure of the channel itself.
+
+    A channel that cannot be reached, refuses its own key, throttles or answers 5xx cools
+    down and the next is tried; an UpstreamError that `may_move_on` refuses is raised at once.
+    When every candidate failed and one throttled, its 429 is the answer.
+    """
     if not candidates:
         raise NoUsableChannel(model)
     throttled: tuple[Channel, UpstreamAnswer] | None = None
     throttled_unsaid: UpstreamThrottled | None = None  # a 429 without DashScope's JSON
     for channel in candidates:
-        before_send(channel)
         try:
-            answer = client.submit_task(channel, service_path, body, client_headers)
+            answer = attempt(channel)
         except UpstreamThrottled as exc:
             pool.report_failure(channel, throttled_model=model)
             throttled_unsaid = exc
             continue
         except UpstreamError as exc:
             pool.report_failure(channel)
-            if not exc.nothing_created:
-                raise  # the request may have created a task: a resend could bill twice
+            if not may_move_on(exc):
+                raise
             log.warning("upstream unreachable", extra={"channel": channel.name, "cause": exc.cause})
             continue
         if answer.status in (401, 403):

@@ -273,14 +273,17 @@ def record_orphan(
     limit refuses a task that exists), so the task is owned, listed and charged once like any
     other; False if the task was recorded already.
     """
+    who = {
+        "account_id": owner.account_id,
+        "key_id": owner.key_id,
+        "channel": owner.channel,
+        "model": owner.model,
+    }
     with writing(engine) as conn:
         inserted = conn.execute(
             _insert_ignoring_duplicates(engine.dialect.name).values(
+                **who,
                 task_id=accepted.task_id,
-                account_id=owner.account_id,
-                key_id=owner.key_id,
-                channel=owner.channel,
-                model=owner.model,
                 status=accepted.status,
                 upstream_body=accepted.upstream_body,
                 submitted_at=owner.sent_at,
@@ -293,10 +296,7 @@ def record_orphan(
         submission_id = conn.execute(
             insert(submissions)
             .values(
-                account_id=owner.account_id,
-                key_id=owner.key_id,
-                model=owner.model,
-                channel=owner.channel,
+                **who,
                 service_path=owner.service_path,
                 body_sha256=owner.body_sha256,
                 state=ACCEPTED,
