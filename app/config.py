@@ -51,6 +51,8 @@ class Settings:
     final_task_cache_size: int = 10_000
     # Requests each worker works on at once (0: no limit); see app/turns.py.
     requests_at_once: int = 2
+    # getPolicy calls a second per gateway key, across every worker and instance.
+    upload_policies_per_second: int = 20
     refresh_interval: float = 3.0
     retention_hours: float = 24.0
     # How long a task DashScope accepted is retried into the database before it is journaled.
@@ -108,6 +110,7 @@ class _ServerSection(_StrictSchema):
     key_cache_seconds = fields.Float(validate=validate.Range(min=0))
     final_task_cache_size = fields.Integer(strict=True, validate=validate.Range(min=0))
     requests_at_once = fields.Integer(strict=True, validate=validate.Range(min=0))
+    upload_policies_per_second = fields.Integer(strict=True, validate=validate.Range(min=1))
 
 
 class _TasksSection(_StrictSchema):

@@ -34,6 +34,7 @@ from app.journal import Entry
 from app.observability import metrics
 from app.store import claim_refresh, utcnow
 from app.store.leases import acquire_lease, release_lease
+from app.store.rates import forget_call_counts
 from app.store.submissions import (
     AcceptedTask,
     Owner,
@@ -448,6 +449,8 @@ class Reconciler:
                 break
         # Upload directories DashScope has deleted its files from (after 48 h) bind nothing.
         forget_expired_uploads(self.gateway.engine, now)
+        # A rate limit counts the current second only; past seconds are dead rows.
+        forget_call_counts(self.gateway.engine, now - timedelta(minutes=1))
 
     # ------------------------------------------------------------------ in the service
 

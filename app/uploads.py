@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-import time
 import zlib
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -14,14 +11,14 @@ from app.channels import ChannelPool, NoUsableChannel
 from app.config import Channel
 from app.gateway import Gateway
 from app.store import Caller, utcnow
+from app.store.rates import take_call
 from app.store.uploads import owned_uploads, record_upload, sticky_channel
 
 # DashScope keeps an uploaded file 48 h, bound to the account of the key that asked for it.
 UPLOAD_LIFETIME = timedelta(hours=48)
-# getPolicy calls per second per gateway key in each worker (DashScope allows 100 per account
-# and model; the SDK asks once per file, in parallel).
-POLICY_RATE = 20.0
-POLICY_BURST = 40.0
+# getPolicy calls are limited per gateway key ([server] upload_policies_per_second): DashScope
+# allows 100 a second per account and model, and one tenant must not use up a shared account's.
+POLICY_SCOPE = "getPolicy"
 
 
 class OssInputRefused(ValueError):
@@ -32,27 +29,10 @@ class OssInputRefused(ValueError):
         self.field = field
 
 
-class RateLimiter:
-    """A token bucket per key: `rate` per second, up to `burst` at once."""
-
-    def __init__(
-        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.rate, self.burst, self._clock = rate, burst, clock
-        self._lock = threading.Lock()
-        self._buckets: dict[int, tuple[float, float]] = {}
-
-    def allow(self, key_id: int) -> bool:
-        """Take a token for the key; False when its bucket is empty."""
-        now = self._clock()
-        with self._lock:
-            tokens, last = self._buckets.get(key_id, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - last) * self.rate)
-            if tokens < 1.0:
-                self._buckets[key_id] = (tokens, now)
-                return False
-            self._buckets[key_id] = (tokens - 1.0, now)
-            return True
+def allow_policy(gateway: Gateway, caller: Caller) -> bool:
+    """Count a getPolicy call of the caller's key; False when its second's share is used up."""
+    per_second = gateway.settings.upload_policies_per_second
+    return take_call(gateway.engine, caller.key_id, POLICY_SCOPE, utcnow(), per_second)
 
 
 def policy_channel(gateway: Gateway, caller: Caller, model: str) -> Channel:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import responses
 from flask import Flask
 from flask.testing import FlaskClient
 
+from app.store import find_caller, hash_secret, utcnow
+from app.store.rates import forget_call_counts, take_call
+from app.uploads import POLICY_SCOPE
 from tests.conftest import BASE_CONFIG, INTL, PRIMARY, PRIMARY_UPSTREAM_KEY, bearer, new_key
 
 API = "/alibailian/api/v1"
@@ -98,3 +104,49 @@ def test_get_policy_needs_a_key_and_an_allowed_model(app: Flask, client: FlaskCl
     assert get_policy(client, new_key(app), "no-such-model").json["code"] == "model_not_found"
     assert client.get(f"{API}/uploads?action=getPolicy&model={MODEL}").status_code == 401
     assert PRIMARY_UPSTREAM_KEY not in str(get_policy(client, limited).json)
+
+
+def test_a_key_past_its_policy_limit_is_throttled_by_every_worker(
+    make_app: Callable[..., Flask], upstream: responses.RequestsMock
+) -> None:
+    # Two apps on one database: two workers (or instances) of one gateway.
+    limited = CONFIG.replace("[upstream]", "[server]\nupload_policies_per_second = 3\n\n[upstream]")
+    first, second = make_app(limited), make_app(limited)
+    key, other_key = new_key(first), new_key(first, "other")
+    engine = first.extensions["gateway"].engine
+    caller = find_caller(engine, hash_secret(key))
+    assert caller is not None
+    # The key's three calls a second are used up for the next half minute, by whichever worker.
+    start = utcnow()
+    for offset in range(30):
+        for _ in range(3):
+            assert take_call(
+                engine, caller.key_id, POLICY_SCOPE, start + timedelta(seconds=offset), 3
+            )
+    upstream.get(re.compile(r".*/api/v1/uploads"), json=policy("d/x"))  # whichever channel
+
+    for app in (first, second):
+        refused = get_policy(app.test_client(), key)
+        assert refused.status_code == 429
+        assert refused.json["code"] == "Throttling.RateQuota"
+    assert len(upstream.calls) == 0  # DashScope was never asked
+    assert get_policy(second.test_client(), other_key).status_code == 200  # the limit is per key
+
+
+def test_calls_counted_at_once_never_pass_the_limit(make_app: Callable[..., Flask]) -> None:
+    engines = [make_app().extensions["gateway"].engine for _ in range(2)]
+    key = new_key(make_app())
+    caller = find_caller(engines[0], hash_secret(key))
+    assert caller is not None
+    now = utcnow()
+    with ThreadPoolExecutor(8) as pool:
+        taken = list(
+            pool.map(
+                lambda i: take_call(engines[i % 2], caller.key_id, POLICY_SCOPE, now, 20),
+                range(60),
+            )
+        )
+    assert taken.count(True) == 20
+    assert take_call(engines[0], caller.key_id, POLICY_SCOPE, now + timedelta(seconds=1), 20)
+    assert forget_call_counts(engines[1], now + timedelta(seconds=1)) == 1
+    assert take_call(engines[1], caller.key_id, POLICY_SCOPE, now, 20)  # that second is forgotten

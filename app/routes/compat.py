@@ -125,12 +125,9 @@ def get_upload_policy() -> Response:
         raise ApiError(400, "BadRequest.EmptyModel", 'Required parameter "model" missing.')
     g.model = model
     ensure_model_allowed(caller, model)
-    limiter = current_app.extensions.setdefault(
-        "policy_limiter", uploads.RateLimiter(uploads.POLICY_RATE, uploads.POLICY_BURST)
-    )
-    if not limiter.allow(caller.key_id):
-        raise ApiError(429, "Throttling.RateQuota", "Too many upload policies, slow down.")
     gateway = current_gateway()
+    if not uploads.allow_policy(gateway, caller):
+        raise ApiError(429, "Throttling.RateQuota", "Too many upload policies, slow down.")
     channel = uploads.policy_channel(gateway, caller, model)
     with gateway.turns.set_aside():
         answer = gateway.client.get_upload_policy(channel, model)

@@ -7,6 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     DateTime,
     ForeignKey,
@@ -288,4 +289,15 @@ uploads = Table(
 # The sticky channel of an account and model: its newest upload still valid.
 Index(
     "ix_uploads_account_model_expires", uploads.c.account_id, uploads.c.model, uploads.c.expires_at
+)
+
+# Calls of a rate-limited route per gateway key and second, counted in the database so that a
+# limit holds across every worker and instance; the reconciler forgets the past seconds.
+call_counts = Table(
+    "call_counts",
+    metadata,
+    Column("key_id", Integer, ForeignKey("api_keys.id"), primary_key=True),
+    Column("scope", String(32), primary_key=True),
+    Column("second", BigInteger, primary_key=True),
+    Column("calls", Integer, nullable=False),
 )
