@@ -12,7 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 from app.billing.ledger import LimitExceeded
-from app.billing.prices import UnpricedTier
+from app.billing.prices import NotEstimable
 from app.channels import AllChannelsFailed, NoUsableChannel
 from app.submitting import WriteAheadFailed
 from app.upstream import UpstreamError, UpstreamThrottled, UpstreamTimeout
@@ -146,9 +146,9 @@ def handle_limit_exceeded(error: LimitExceeded) -> Response:
     return error_response(400, "Arrearage", str(error))
 
 
-@bp.app_errorhandler(UnpricedTier)
-def handle_unpriced_tier(error: UnpricedTier) -> Response:
-    """Refuse a submit at a resolution the model has no price for; nothing was sent."""
+@bp.app_errorhandler(NotEstimable)
+def handle_not_estimable(error: NotEstimable) -> Response:
+    """Refuse a submit that cannot be priced (a tier without a price); nothing was sent."""
     return error_response(400, "InvalidParameter", str(error))
 
 

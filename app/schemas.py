@@ -6,6 +6,8 @@ from typing import Any
 
 from marshmallow import EXCLUDE, INCLUDE, Schema, ValidationError, fields, validate
 
+from app.billing.prices import MAX_VIDEO_SECONDS
+
 MAX_SEED = 2_147_483_647
 # How deep a submit body may nest arrays and objects: DashScope's go three or four levels, and
 # deeper ones only cost the gateway stack and time.
@@ -79,7 +81,8 @@ class VideoSynthesisParametersSchema(_OpenSchema):
 
     resolution = _optional(fields.String)
     size = _optional(fields.String)
-    duration = _optional(StrictInteger)
+    # Seconds of video: a duration of 0 or less would reserve nothing or credit the account.
+    duration = _optional(StrictInteger, validate=validate.Range(min=1, max=MAX_VIDEO_SECONDS))
     prompt_extend = _optional(StrictBoolean)
     watermark = _optional(StrictBoolean)
     audio = _optional(StrictBoolean)

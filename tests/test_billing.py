@@ -130,6 +130,22 @@ def test_an_unpriced_resolution_is_invalid_parameter_before_anything(
     assert ledger_rows(app) == []
 
 
+@pytest.mark.parametrize("duration", [-5, 0, 10**23])
+def test_a_duration_that_would_credit_or_overflow_is_refused_before_anything(
+    app: Flask, api_key: str, upstream: responses.RequestsMock, duration: int
+) -> None:
+    response = app.test_client().post(
+        SUBMIT_PATH, json=body(duration=duration), headers=bearer(api_key)
+    )
+
+    assert response.status_code == 400
+    assert response.json is not None
+    assert response.json["code"] == "InvalidParameter"
+    assert response.json["message"].startswith("parameters.duration: ")
+    assert ledger_rows(app) == []
+    assert len(upstream.calls) == 0
+
+
 def test_a_submit_dashscope_refuses_releases_its_reservation(
     app: Flask, api_key: str, upstream: responses.RequestsMock
 ) -> None:

@@ -12,6 +12,7 @@ import pytest
 from app.billing.prices import (
     Estimate,
     ModelPricing,
+    NotEstimable,
     UnpricedTier,
     charge_from_usage,
     estimate,
@@ -116,7 +117,18 @@ def test_a_charge_is_what_usage_reports(
 
 
 @pytest.mark.parametrize(
-    "usage", [None, {}, {"duration": "long"}, {"duration": True}, {"duration": 5, "SR": "540"}]
+    "usage",
+    [
+        None,
+        {},
+        {"duration": "long"},
+        {"duration": True},
+        {"duration": 5, "SR": "540"},
+        # A hostile or broken answer: more video than any task makes, or none that is a number.
+        {"duration": 10**30, "SR": 480},
+        {"duration": "NaN"},
+        {"duration": -3},
+    ],
 )
 def test_unreadable_usage_charges_the_estimate_and_says_so(
     usage: Any, caplog: pytest.LogCaptureFixture
@@ -129,6 +141,14 @@ def test_unreadable_usage_charges_the_estimate_and_says_so(
         r for r in caplog.records if r.getMessage() == "usage unreadable, charged the estimate"
     ]
     assert record.task_id == "t-odd"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("duration", [0, -5, 3601, 10**23, "abc", "NaN", 1e400])
+def test_a_duration_no_video_has_is_not_estimable(duration: Any) -> None:
+    with pytest.raises(NotEstimable) as error:
+        estimate(WAN, {"duration": duration})
+
+    assert str(error.value).startswith("parameters.duration: ")
 
 
 def test_amounts_are_shown_to_the_cent() -> None:

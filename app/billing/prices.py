@@ -21,6 +21,9 @@ STORED = Decimal("0.000001")
 CENT = Decimal("0.01")
 SIZE = re.compile(r"\s*(\d+)\s*[*xX\u00d7]\s*(\d+)\s*")
 # The usage keys DashScope's model families name the seconds of output video with.
+# The longest video one task may be estimated or charged for: far above any DashScope model's
+# (15 s today), and what keeps every amount inside the ledger's NUMERIC(18, 6).
+MAX_VIDEO_SECONDS = 3600
 USAGE_SECONDS_KEYS = ("output_video_duration", "video_duration", "duration")
 
 
@@ -59,16 +62,24 @@ class Charge:
     from_usage: bool
 
 
-class UnpricedTier(Exception):
+class NotEstimable(ValueError):
+    """A submit whose estimate cannot be made: the message names the field and why."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {reason}")
+
+
+class UnpricedTier(NotEstimable):
     """A submit names a resolution the model has no price for."""
 
     def __init__(self, field: str, tier: str, priced: list[str]) -> None:
-        self.field = field
         self.tier = tier
         self.priced = priced
         super().__init__(
-            f"{field}: the resolution {tier} has no price for this model; "
-            f"priced tiers: {', '.join(priced)}."
+            field,
+            f"the resolution {tier} has no price for this model; "
+            f"priced tiers: {', '.join(priced)}.",
         )
 
 
@@ -132,7 +143,15 @@ def estimate(pricing: ModelPricing, parameters: Mapping[str, Any] | None) -> Est
     seconds = pricing.default_duration
     duration = parameters.get("duration")
     if duration is not None:
-        seconds = exact(duration)
+        try:
+            seconds = exact(duration)
+        except ValueError:
+            raise NotEstimable("parameters.duration", "not a number.") from None
+        # Every service path's body is estimated, not only those whose schema bounds it.
+        if not 0 < seconds <= MAX_VIDEO_SECONDS:
+            raise NotEstimable(
+                "parameters.duration", f"must be more than 0 and at most {MAX_VIDEO_SECONDS}."
+            )
     return Estimate(tier=tier, seconds=seconds, amount=stored(price * seconds))
 
 
@@ -170,7 +189,7 @@ def _usage_seconds(usage: Any) -> Decimal | None:
             seconds = exact(value)
         except ValueError:
             continue
-        if seconds >= 0:
+        if 0 <= seconds <= MAX_VIDEO_SECONDS:
             return seconds
     return None
 
