@@ -10,7 +10,7 @@ over REQUESTS is the cost of one request, start-up and warm-up excluded:
     python bench/instructions.py                         # this checkout
     python bench/instructions.py --repo /work/before     # another checkout, with its .venv
 
-Only what every version of the gateway has is used: `create_app()` from `wsgi.py`, the
+Only what every version of the gateway has is used: `create_app()`, the
 `bailian-gateway keys create` command, GATEWAY_CONFIG and GATEWAY_DATABASE_URL.
 """
 
@@ -38,7 +38,8 @@ DRIVER = textwrap.dedent(
     """
     import json, logging, sys
     logging.basicConfig(level=logging.INFO, filename=sys.argv[4])
-    from wsgi import app
+    from app import create_app
+    app = create_app()  # as wsgi.py makes it, but without the reconciler's background passes
     kind, count, key = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     client = app.test_client()
     headers = {"Authorization": "Bearer " + key, "Content-Type": "application/json"}

@@ -16,7 +16,17 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Engine, String, and_, func, insert, literal, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    String,
+    and_,
+    bindparam,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql import ColumnElement
 
@@ -112,32 +122,49 @@ class Settlement:
 # --------------------------------------------------------------------------- balances
 
 
+# The statements every submit runs, built once: a submit's cost is in executing them, not in
+# building them again (SQLAlchemy caches the compiled form of each either way).
+_GET_LIMIT = select(account_limits.c.amount, account_limits.c.per).where(
+    account_limits.c.account_id == bindparam("account_id")
+)
+_BALANCE = select(account_balances.c.spent, account_balances.c.reserved).where(
+    account_balances.c.account_id == bindparam("account_id"),
+    account_balances.c.period == bindparam("period"),
+)
+_MOVE = (
+    update(account_balances)
+    .where(
+        # Not the columns' own names: those are the SET clause's.
+        account_balances.c.account_id == bindparam("of_account"),
+        account_balances.c.period == bindparam("of_period"),
+    )
+    .values(
+        spent=account_balances.c.spent + bindparam("more_spent", type_=Money()),
+        reserved=account_balances.c.reserved + bindparam("more_reserved", type_=Money()),
+    )
+)
+# The same move, only while spent + reserved stays within the limit: the check is the update.
+_MOVE_WITHIN = _MOVE.where(
+    account_balances.c.spent + account_balances.c.reserved + bindparam("more_total", type_=Money())
+    <= bindparam("within", type_=Money())
+)
+_NEW_BALANCE = insert(account_balances).values(spent=ZERO, reserved=ZERO)
+_LEDGER_ROW = insert(ledger)
+
+
 def get_limit(conn: Connection, account_id: int) -> Limit | None:
     """Return an account's limit, or None when it has none."""
-    row = conn.execute(
-        select(account_limits.c.amount, account_limits.c.per).where(
-            account_limits.c.account_id == account_id
-        )
-    ).first()
+    row = conn.execute(_GET_LIMIT, {"account_id": account_id}).first()
     return None if row is None else Limit(row.amount, row.per)
 
 
 def _ensure_balance(conn: Connection, account_id: int, period: str) -> None:
-    exists = conn.execute(
-        select(account_balances.c.period).where(
-            account_balances.c.account_id == account_id, account_balances.c.period == period
-        )
-    ).first()
-    if exists:
+    if conn.execute(_BALANCE, {"account_id": account_id, "period": period}).first():
         return
     try:
         # A savepoint: another transaction creating the same row first keeps ours usable.
         with conn.begin_nested():
-            conn.execute(
-                insert(account_balances).values(
-                    account_id=account_id, period=period, spent=ZERO, reserved=ZERO
-                )
-            )
+            conn.execute(_NEW_BALANCE, {"account_id": account_id, "period": period})
     except IntegrityError:
         pass
 
@@ -152,29 +179,20 @@ def _move(
     within: Decimal | None = None,
 ) -> bool:
     """Move one balance row; with `within`, only if spent + reserved stays within it."""
-    where: list[ColumnElement[bool]] = [
-        account_balances.c.account_id == account_id,
-        account_balances.c.period == period,
-    ]
+    params: dict[str, Any] = {
+        "of_account": account_id,
+        "of_period": period,
+        "more_spent": spent,
+        "more_reserved": reserved,
+    }
+    statement = _MOVE
     if within is not None:
-        after = (
-            account_balances.c.spent
-            + account_balances.c.reserved
-            + literal(spent + reserved, Money())
-        )
-        where.append(after <= literal(within, Money()))
-    statement = (
-        update(account_balances)
-        .where(*where)
-        .values(
-            spent=account_balances.c.spent + literal(spent, Money()),
-            reserved=account_balances.c.reserved + literal(reserved, Money()),
-        )
-    )
-    if conn.execute(statement).rowcount == 1:
+        statement = _MOVE_WITHIN
+        params |= {"more_total": spent + reserved, "within": within}
+    if conn.execute(statement, params).rowcount == 1:
         return True
     _ensure_balance(conn, account_id, period)
-    return conn.execute(statement).rowcount == 1
+    return conn.execute(statement, params).rowcount == 1
 
 
 def _move_both(
@@ -196,16 +214,12 @@ def _move_both(
 
 
 def _balance(conn: Connection, account_id: int, period: str) -> tuple[Decimal, Decimal]:
-    row = conn.execute(
-        select(account_balances.c.spent, account_balances.c.reserved).where(
-            account_balances.c.account_id == account_id, account_balances.c.period == period
-        )
-    ).first()
+    row = conn.execute(_BALANCE, {"account_id": account_id, "period": period}).first()
     return (ZERO, ZERO) if row is None else (row.spent, row.reserved)
 
 
 def _write(conn: Connection, **values: Any) -> None:
-    conn.execute(insert(ledger).values(**values))
+    conn.execute(_LEDGER_ROW, values)
 
 
 # --------------------------------------------------------------------------- reservations
