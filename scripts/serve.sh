@@ -67,7 +67,7 @@ fi
 # Descriptors: as many as this process may have (nginx, as root, may raise its own soft limit
 # up to the hard one, and no further in a container).
 nofile=$(ulimit -Hn)
-[ "$nofile" = unlimited ] || [ "$nofile" -gt 65536 ] && nofile=65536
+if [ "$nofile" = unlimited ] || [ "$nofile" -gt 65536 ]; then nofile=65536; fi
 connections=$((nofile < 16384 ? nofile : 16384))
 sed -e "s|@NOFILE@|$nofile|g" -e "s|@CONNECTIONS@|$connections|g" -e "s|@LISTEN@|$public_bind|g" -e "s|@UPSTREAM@|$upstream|g" -e "s|@RUN_DIR@|$run_dir|g" \
   -e "s|@MAX_BODY@|$max_body|g" -e "s|@USER@|$user_line|g" deploy/nginx.conf >"$run_dir/nginx.conf"
@@ -81,9 +81,8 @@ gunicorn_pid="" nginx_pid="" stopping=""
 stop_both() {
   stopping=1
   # nginx QUIT: stop accepting, finish what it is proxying; gunicorn TERM: the same.
-  [ -n "$nginx_pid" ] && kill -QUIT "$nginx_pid" 2>/dev/null
-  [ -n "$gunicorn_pid" ] && kill -TERM "$gunicorn_pid" 2>/dev/null
-  return 0
+  if [ -n "$nginx_pid" ]; then kill -QUIT "$nginx_pid" 2>/dev/null || true; fi
+  if [ -n "$gunicorn_pid" ]; then kill -TERM "$gunicorn_pid" 2>/dev/null || true; fi
 }
 trap stop_both TERM INT
 
@@ -116,7 +115,7 @@ fi
 if [ -z "$stopping" ]; then
   say "$( kill -0 "$gunicorn_pid" 2>/dev/null && echo nginx || echo gunicorn) exited ($status): stopping"
   stop_both
-  [ "$status" -eq 0 ] && status=1
+  if [ "$status" -eq 0 ]; then status=1; fi
 else
   status=0
 fi
