@@ -14,10 +14,11 @@ A slow connection that is answered (a 401 before its body is read, say) goes on 
 the server closes it; one the server closes is opened again.
 
 Once they are all open, a normal client (one or more, `--clients`) submits a task and queries
-it, over and over, on a kept-alive connection, for `--duration` seconds. It prints the normal
-client's success rate and latency percentiles, and what the slow connections met (how many were
-open at the end, closed by the server, or answered). `--json` prints the same as one JSON
-object (tests/e2e/test_slow_clients.py reads it).
+it, over and over, on a kept-alive connection (`--fresh`: a new one for each request, which
+then has to be accepted and given a thread like any other), for `--duration` seconds. It
+prints the normal client's success rate and latency percentiles, and what the slow
+connections met (how many were open at the end, closed by the server, or answered). `--json`
+prints the same as one JSON object (tests/e2e/test_slow_clients.py reads it).
 
 Only the standard library: asyncio, one process. The slow connections come from
 `--attack-sources` loopback addresses (127.0.1.1, 127.0.1.2, ...), as from that many client
@@ -213,9 +214,16 @@ class Normal:
 
 
 async def normal_client(
-    target: Target, key: str, model: str, normal: Normal, until: float, timeout: float, pause: float
+    target: Target,
+    key: str,
+    model: str,
+    normal: Normal,
+    until: float,
+    timeout: float,
+    pause: float,
+    fresh: bool,
 ) -> None:
-    """Submit, then query the task, again and again on one kept-alive connection."""
+    """Submit, then query the task, again and again on one kept-alive connection (or not)."""
     connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     body = json.dumps({"model": model, "input": {"prompt": "a normal client"}}).encode()
     task_id = ""
@@ -249,7 +257,7 @@ async def normal_client(
             normal.latencies.append(elapsed)
             # The next request queries the task just submitted; after a query, submit again.
             task_id = "" if task_id else json.loads(answer)["output"]["task_id"]
-            if headers.get("connection", "").lower() == "close":
+            if fresh or headers.get("connection", "").lower() == "close":
                 connection[1].close()
                 connection = None
         else:
@@ -321,7 +329,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     until = time.monotonic() + args.duration
     await asyncio.gather(
         *(
-            normal_client(target, args.key, args.model, normal, until, args.timeout, args.pause)
+            normal_client(
+                target, args.key, args.model, normal, until, args.timeout, args.pause, args.fresh
+            )
             for _ in range(args.clients)
         )
     )
@@ -355,6 +365,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=1, help="normal clients at once")
     parser.add_argument("--pause", type=float, default=0.02, help="seconds between its requests")
     parser.add_argument("--timeout", type=float, default=5, help="a normal request's limit")
+    parser.add_argument(
+        "--fresh", action="store_true", help="a new connection for each normal request"
+    )
     parser.add_argument("--attack-sources", type=int, default=20, help="loopback addresses")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser.parse_args(argv)
