@@ -247,6 +247,18 @@ def test_slow_and_idle_clients_do_not_deny_service_behind_nginx(stack: Stack) ->
     assert report["slow"]["body_dribblers_valid_key"]["answers"] == {}, report
 
 
+def test_one_client_address_gets_at_most_256_requests_at_once(stack: Stack) -> None:
+    # 300 body dribblers from one address: nginx's limit_conn admits 256 and answers the
+    # others 429 (Throttling) at once; the normal client, from another address, is served.
+    report = attack(
+        stack.url, stack.key, "--heads", "0", "--bodies", "300", "--idle", "0",
+        "--attack-sources", "1", "--duration", "3", "--settle", "1", "--fresh",
+    )  # fmt: skip
+    refused = sum(kind["answers"].get("429", 0) for kind in report["slow"].values())
+    assert refused >= 300 - 256, report
+    assert_served(report)
+
+
 def raw_exchange(url: str, request: bytes) -> tuple[int, dict[str, str], dict[str, Any]]:
     """Send raw bytes, read the answer to the end; return status, headers, JSON body."""
     host, port = url.removeprefix("http://").split(":")
@@ -383,9 +395,11 @@ def test_slow_and_idle_clients_do_not_take_gunicorns_threads(
     # 800 connections that never finish a head, against 128 threads: gthread alone would
     # give each of them a thread for as long as it dribbles. Body dribblers take a thread
     # each while they are read, for body_timeout at most (20 of them, under one worker's 64).
+    # The normal client connects anew for each request: each is accepted and its head read
+    # among the 800, then given a thread.
     report = attack(
         gateway.url, key, "--heads", "400", "--bodies", "40", "--idle", "400",
-        "--duration", "10", "--settle", "1",
+        "--duration", "10", "--settle", "1", "--fresh",
     )  # fmt: skip
     assert sum(report["open_when_normal_client_started"].values()) >= 800, report
     assert_served(report)
