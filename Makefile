@@ -10,7 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test pytest lint format typecheck bench clean
+.PHONY: install run serve test pytest lint format typecheck bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt setup.py setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ install: $(STAMP) ## Create .venv with the gateway and its test tools.
 
 run: $(STAMP) ## Run the gateway offline against the bundled DashScope simulator.
 	bash scripts/run-offline.sh
+
+serve: $(STAMP) ## Serve the gateway behind nginx (deploy/nginx.conf), as in production.
+	bash scripts/serve.sh
 
 test: lint typecheck pytest ## Lint, type-check and run the whole test suite.
 

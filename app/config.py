@@ -47,6 +47,8 @@ class Settings:
     query_retries: int = 2
     max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Seconds a client has to send a request body, from the first read of it to the last.
+    body_timeout: float = 60.0
     key_cache_seconds: float = 5.0
     final_task_cache_size: int = 10_000
     # Requests each worker works on at once (0: no limit); see app/turns.py.
@@ -107,6 +109,7 @@ class _UpstreamSection(_StrictSchema):
 
 class _ServerSection(_StrictSchema):
     max_body_bytes = fields.Integer(strict=True, validate=validate.Range(min=1024))
+    body_timeout = fields.Float(validate=validate.Range(min=0, min_inclusive=False))
     key_cache_seconds = fields.Float(validate=validate.Range(min=0))
     final_task_cache_size = fields.Integer(strict=True, validate=validate.Range(min=0))
     requests_at_once = fields.Integer(strict=True, validate=validate.Range(min=0))

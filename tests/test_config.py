@@ -31,6 +31,7 @@ def test_defaults_without_a_config_file() -> None:
     assert settings.offered_models == frozenset()
     assert settings.max_body_bytes == 20 * 1024 * 1024
     assert settings.max_answer_bytes == 1024 * 1024
+    assert settings.body_timeout == 60
     assert settings.refresh_interval == 3
 
 
@@ -55,6 +56,7 @@ def test_max_answer_bytes_reaches_the_upstream_client(
         ("[uptream]\n", "unknown key 'uptream'; expected one of: upstream, server, tasks"),
         ("[upstream]\nread_timeout = 'slow'\n", "upstream.read_timeout: Not a valid number."),
         ("[upstream]\nread_timeout = 0\n", "upstream.read_timeout: Must be greater than 0"),
+        ("[server]\nbody_timeout = 0\n", "server.body_timeout: Must be greater than 0"),
         (
             "[upstream]\nmax_answer_bytes = 100\n",
             "upstream.max_answer_bytes: Must be greater than or equal to 1024.",

@@ -16,7 +16,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from app import refresh, task_list, uploads
 from app.auth import authenticate
 from app.billing.prices import to_cent
-from app.bodies import DuplicateKey, loads_unique, oss_urls
+from app.bodies import BodyTimeout, DuplicateKey, loads_unique, oss_urls, read_within
 from app.checks import check_with_failover
 from app.config import Channel
 from app.errors import ApiError, model_not_found, task_not_exist
@@ -217,9 +217,19 @@ def list_tasks() -> Response:
 
 def load_submit_body() -> tuple[bytes, str, dict[str, Any] | None]:
     """Return the raw submit body, its model and parameters, or fail with DashScope's 400."""
-    # A client may upload slowly: its wait is not the worker's.
-    with current_gateway().turns.set_aside():
-        body = request.get_data(cache=False)
+    gateway = current_gateway()
+    # A client may upload slowly: its wait is not the worker's, and it has body_timeout seconds.
+    with gateway.turns.set_aside():
+        try:
+            body = read_within(
+                request.stream,
+                request.environ.get("gunicorn.socket"),
+                gateway.settings.body_timeout,
+            )
+        except BodyTimeout:
+            raise ApiError(
+                408, "RequestTimeOut", "The request body did not arrive in time."
+            ) from None
     limit = current_app.config["MAX_CONTENT_LENGTH"]
     if request.content_length is None and len(body) >= limit:
         # A chunked body is cut at the limit rather than refused; refuse it the same way.
