@@ -46,4 +46,4 @@ bench: $(STAMP) ## Benchmark the gateway against direct and nginx references (be
 	bash bench/run.sh
 
 clean:
-	rm -rf $(VENV) instance .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .sdk-venvs instance .pytest_cache .mypy_cache .ruff_cache

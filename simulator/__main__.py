@@ -23,6 +23,7 @@ prompt markers (anywhere in input.prompt of a submit; docs/simulator.md has the 
   [throttle]        429 Throttling.RateQuota, no task
   [error500]        500 InternalError, no task
   [fail]            the task ends FAILED (InternalError.Algo) instead of SUCCEEDED
+  [pending=N]       the task stays PENDING N seconds instead of --pending-seconds
   [duration=S]      the SUCCEEDED usage reports S seconds (4.5 too), not the submitted ones
 
 test-only routes: GET /_sim/stats (counters, task_list, submits_by_prompt, last_submit),

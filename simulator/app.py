@@ -50,6 +50,9 @@ SLEEP_MARKER = re.compile(rf"\[sleep={SECONDS}\]")
 ANSWER_AFTER_MARKER = re.compile(rf"\[answer-after={SECONDS}\]")
 # The seconds of video the SUCCEEDED answer's usage reports (fractional ones, as s2v's are).
 DURATION_MARKER = re.compile(rf"\[duration={SECONDS}\]")
+# How long this one task stays PENDING (instead of --pending-seconds), so that a client has
+# time to cancel it however slow the machine is.
+PENDING_MARKER = re.compile(rf"\[pending={SECONDS}\]")
 SIZE = re.compile(r"\s*(\d+)\s*\*\s*(\d+)\s*")
 
 # The task list's filters, as DashScope's console takes them: Beijing time, at most a day.
@@ -91,6 +94,8 @@ class Task:
     request_id: str
     fail: bool = False
     canceled_at: float | None = None
+    pending: float | None = None  # seconds PENDING, when a [pending=S] marker set them
+    path: str = ""  # the service path it was submitted on
 
 
 @dataclass
@@ -256,17 +261,21 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
         """Return when a task finished or was canceled, None while it is unfinished."""
         if task.canceled_at is not None:
             return task.canceled_at
-        finished = task.created + pending + running
+        finished = task.created + pending_of(task) + running
         return finished if finished <= now else None
+
+    def pending_of(task: Task) -> float:
+        """Return how long the task stays PENDING: its marker's seconds, else the default."""
+        return pending if task.pending is None else task.pending
 
     def status_of(task: Task, now: float) -> str:
         """Derive a task's status from how long ago it was submitted."""
         if task.canceled_at is not None:
             return "CANCELED"
         elapsed = now - task.created
-        if elapsed < pending:
+        if elapsed < pending_of(task):
             return "PENDING"
-        if elapsed < pending + running:
+        if elapsed < pending_of(task) + running:
             return "RUNNING"
         return "FAILED" if task.fail else "SUCCEEDED"
 
@@ -443,6 +452,8 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
             created=time.time(),
             request_id=new_id(),
             fail="[fail]" in prompt,
+            pending=float(marker.group(1)) if (marker := PENDING_MARKER.search(prompt)) else None,
+            path=request.path,
         )
         with state.lock:
             state.tasks[task.task_id] = task
@@ -550,7 +561,7 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
 
         now = time.time()
         status = status_of(task, now)
-        scheduled = task.created + pending
+        scheduled = task.created + pending_of(task)
         finished = scheduled + running
         output: dict[str, Any] = {
             "task_id": task.task_id,
@@ -633,6 +644,9 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
                         "owner_hint": task.owner[-6:],
                         "model": task.model,
                         "prompt": task.prompt,
+                        # What upstream was asked with, e.g. the oss:// URLs a file became.
+                        "input": task.body.get("input"),
+                        "path": task.path,
                         "created": task.created,
                     }
                     for task in state.tasks.values()

@@ -241,6 +241,32 @@ def test_fail_marker_ends_failed(client: FlaskClient) -> None:
     assert "message" not in resp.json
 
 
+def test_pending_marker_keeps_one_task_pending_then_runs(client: FlaskClient) -> None:
+    held = submit(client, prompt="hold on [pending=0.4]")
+    other = submit(client)
+    time.sleep(0.15)
+    assert query_status(client, other) == "SUCCEEDED"
+    assert query_status(client, held) == "PENDING"
+    listed = client.get("/_sim/stats").json["task_list"]
+    assert {task["task_id"]: task["input"]["prompt"] for task in listed}[
+        held
+    ] == "hold on [pending=0.4]"
+    time.sleep(0.4)
+    done = client.get(f"/api/v1/tasks/{held}", headers=headers()).json["output"]
+    assert done["task_status"] == "SUCCEEDED"
+    # It was scheduled when its own PENDING time ran out, not the simulator's default.
+    scheduled = datetime.strptime(done["scheduled_time"], "%Y-%m-%d %H:%M:%S.%f")
+    submitted = datetime.strptime(done["submit_time"], "%Y-%m-%d %H:%M:%S.%f")
+    assert abs((scheduled - submitted).total_seconds() - 0.4) < 0.01
+
+
+def query_status(client: FlaskClient, task_id: str) -> str:
+    """Return a task's status as the query answers it."""
+    return str(
+        client.get(f"/api/v1/tasks/{task_id}", headers=headers()).json["output"]["task_status"]
+    )
+
+
 def test_foreign_and_unknown_tasks_are_unknown(client: FlaskClient) -> None:
     task_id = submit(client)
     foreign = client.get(f"/api/v1/tasks/{task_id}", headers=headers(key=OTHER_KEY))
@@ -638,7 +664,7 @@ def test_stats_list_tasks_and_submits_by_prompt() -> None:
     assert stats["submits_by_prompt"] == {"same": 2, "": 1}
     task_list = stats["task_list"]
     assert [set(entry) for entry in task_list] == [
-        {"task_id", "owner_hint", "model", "prompt", "created"}
+        {"task_id", "owner_hint", "model", "prompt", "input", "path", "created"}
     ] * 3
     assert [(e["owner_hint"], e["model"], e["prompt"]) for e in task_list] == [
         ("abcdef", "wan2.5-t2v-preview", "same"),

@@ -51,6 +51,8 @@ KEY_CACHE_SECONDS = 0.5
 T2V = "wan2.5-t2v-preview"  # channel `sim`
 I2V = "wan2.5-i2v-preview"  # channel `sim`
 KF2V = "wanx2.1-kf2v-plus"  # channel `sim`; the SDK sends it to the image2video route
+S2V = "wan2.2-s2v"  # channel `sim`: an image2video task, after its check S2V_DETECT
+S2V_DETECT = "wan2.2-s2v-detect"  # channel `sim`, no price: the synchronous face-detect
 UNREACHABLE_MODEL = "wan-e2e-unreachable"  # channel `dead`: a closed local port
 REFUSED_MODEL = "wan-e2e-key-refused"  # channel `refused`: a key the simulator rejects
 FAILOVER_MODEL = "wan-e2e-failover"  # `dead-first` (priority 10), then `sim-failover`
@@ -272,7 +274,7 @@ def _config_text(simulator_url: str, closed_port: int) -> str:
         name = "sim"
         base_url = "{simulator_url}"
         api_key_env = "E2E_SIM_KEY"
-        models = ["{T2V}", "{I2V}", "{KF2V}", "{SERVED_UNPRICED_MODEL}"]
+        models = ["{T2V}", "{I2V}", "{KF2V}", "{S2V}", "{S2V_DETECT}", "{SERVED_UNPRICED_MODEL}"]
 
         [[channels]]
         name = "dead"
@@ -323,6 +325,7 @@ def _config_text(simulator_url: str, closed_port: int) -> str:
             T2V,
             I2V,
             KF2V,
+            S2V,
             UNREACHABLE_MODEL,
             REFUSED_MODEL,
             FAILOVER_MODEL,
