@@ -168,7 +168,8 @@ def _insert_ignoring_duplicates(dialect: str) -> Any:
 # The task of an accepted submission, its owner copied from the submission row: one statement,
 # built once per dialect.
 _TASK_OF_SUBMISSION = {
-    dialect: _insert_ignoring_duplicates(dialect).from_select(
+    dialect: _insert_ignoring_duplicates(dialect)
+    .from_select(
         [
             "task_id",
             "account_id",
@@ -194,6 +195,9 @@ _TASK_OF_SUBMISSION = {
             bindparam("finished_at", type_=DateTime),
         ).where(submissions.c.id == bindparam("submission_id")),
     )
+    # What was inserted, by RETURNING: psycopg's rowcount of this statement is -1 under
+    # SQLAlchemy 2.1, which made a task recorded twice look new on PostgreSQL.
+    .returning(tasks.c.task_id)
     for dialect in ("sqlite", "postgresql")
 }
 _RESOLVE_ACCEPTED = (
@@ -224,8 +228,8 @@ def record_accepted(engine: Engine, accepted: AcceptedTask, by: str) -> bool:
         "resolved_by": by,
     }
     with writing(engine) as conn:
-        inserted = conn.execute(_TASK_OF_SUBMISSION[engine.dialect.name], params).rowcount
-        if not inserted:
+        inserted = conn.execute(_TASK_OF_SUBMISSION[engine.dialect.name], params).first()
+        if inserted is None:
             exists = conn.execute(
                 select(submissions.c.id).where(submissions.c.id == accepted.submission_id)
             ).first()
@@ -250,9 +254,10 @@ class Owner:
 def record_orphan(engine: Engine, accepted: AcceptedTask, owner: Owner) -> bool:
     """Record a task whose submission row is gone (a database restored from a backup)."""
     with writing(engine) as conn:
-        return bool(
+        return (
             conn.execute(
-                _insert_ignoring_duplicates(engine.dialect.name).values(
+                _insert_ignoring_duplicates(engine.dialect.name)
+                .values(
                     task_id=accepted.task_id,
                     account_id=owner.account_id,
                     key_id=owner.key_id,
@@ -264,8 +269,17 @@ def record_orphan(engine: Engine, accepted: AcceptedTask, owner: Owner) -> bool:
                     refreshed_at=accepted.accepted_at,
                     finished_at=accepted.accepted_at if accepted.status in FINAL_STATUSES else None,
                 )
-            ).rowcount
+                .returning(tasks.c.task_id)
+            ).first()
+            is not None
         )
+
+
+# As the partial index ix_submissions_in_flight has it: SQLite uses a partial index only for a
+# query whose WHERE repeats its terms, literals included, and a bound parameter is not one.
+_IN_FLIGHT_LITERALLY = submissions.c.state == bindparam(
+    "in_flight", IN_FLIGHT, literal_execute=True
+)
 
 
 def in_flight(engine: Engine, sent_before: datetime) -> list[Submission]:
@@ -281,7 +295,7 @@ def in_flight(engine: Engine, sent_before: datetime) -> list[Submission]:
             submissions.c.body_sha256,
             submissions.c.sent_at,
         )
-        .where(submissions.c.state == IN_FLIGHT, submissions.c.sent_at < sent_before)
+        .where(_IN_FLIGHT_LITERALLY, submissions.c.sent_at < sent_before)
         .order_by(submissions.c.sent_at, submissions.c.id)
     )
     with engine.connect() as conn:
