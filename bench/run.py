@@ -31,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import drivers
+import growth
 import profiling
 import report
 from services import (
@@ -665,6 +666,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-png", action="store_true", help="skip the chart")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--only",
+        choices=("growth",),
+        help="run one scenario alone: growth (the store at 10k and 1M tasks, bench/growth.py)",
+    )
+    parser.add_argument(
+        "--no-growth", action="store_true", help="skip the growth scenario of the full run"
+    )
+    growth.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -680,6 +690,8 @@ def unused_stem(out_dir: Path, base: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write the report; return the exit status."""
     args = parse_args(argv)
+    if args.only == "growth":
+        return growth.run_and_report(args)
     log = Log()
     has_nginx = shutil.which("nginx") is not None
     fake = args.fake if args.fake != "auto" else ("nginx" if has_nginx else "simulator")
@@ -725,6 +737,9 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
     log(f"wrote {md}")
     print("\n".join(report.targets_table(data["checks"])))
+    if not plan.smoke and not args.no_growth:
+        # After the gateway's processes are gone: the stores are built on the same two cores.
+        growth.run_and_report(args)
     return 0
 
 

@@ -118,3 +118,29 @@ def test_a_later_run_the_same_day_keeps_the_earlier_report(
     assert unused_stem(tmp_path, "2026-11-24") == "2026-11-24-2"
     (tmp_path / "2026-11-24-2.json").write_text("{}")
     assert unused_stem(tmp_path, "2026-11-24") == "2026-11-24-3"
+
+
+def test_growth_smoke_builds_both_stores_and_writes_the_report(tmp_path: Path) -> None:
+    # SQLite always; PostgreSQL too when the tests have one (GATEWAY_TEST_DATABASE_URL).
+    done = subprocess.run(
+        [sys.executable, "bench/run.py", "--only", "growth", "--smoke", "--out", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+
+    [report] = tmp_path.glob("*-growth-smoke.md")
+    [raw] = tmp_path.glob("*-growth-smoke.json")
+    data = json.loads(raw.read_text())
+    assert "sqlite" in data["meta"]["backends"]
+    for backend in data["meta"]["backends"]:
+        assert set(data["results"][backend]) == {"600", "1200"}
+        for found in data["results"][backend].values():
+            assert {"ownership read", "list: no filter", "reconciler pass"} <= set(found["ms"])
+            assert all(ms > 0 for ms in found["ms"].values())
+            # The bench checked each total against COUNT(*); the passes archived 5 x 100.
+            assert found["archived"] == 500
+    assert "| ownership read |" in report.read_text()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,17 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, MetaData, create_engine, event, inspect, make_url, select, text
+from sqlalchemy import (
+    Engine,
+    MetaData,
+    create_engine,
+    event,
+    func,
+    inspect,
+    make_url,
+    select,
+    text,
+)
 
 from app.store import (
     Caller,
@@ -25,6 +36,7 @@ from app.store import (
     find_caller,
     hash_secret,
     list_keys,
+    list_owned_tasks,
     open_engine,
     record_task,
 )
@@ -37,7 +49,7 @@ from app.store.schema import (
     alembic_config,
     read_revision,
 )
-from app.store.tables import metadata, tasks
+from app.store.tables import metadata, task_counts, tasks
 from app.store.time import utcnow
 from tests.fixtures import schema_8773b53 as old
 from tests.fixtures.old_database import (
@@ -319,3 +331,59 @@ def test_a_start_at_head_takes_no_lock_and_runs_no_alembic(database_url: str) ->
         check=True,
     )
     assert done.stdout.strip() == "False"
+
+
+def test_0006_counts_the_tasks_already_there_and_its_downgrade_keeps_them(
+    database_url: str,
+) -> None:
+    with _engine(database_url) as engine:
+        _alembic(engine, "upgrade", "0005")
+    engine = open_engine(database_url, upgrade=False)
+    try:
+        secret = create_key(engine, "acme")
+        caller = find_caller(engine, hash_secret(secret))
+        assert caller is not None
+        for n in range(5):
+            _record(engine, f"task-{n}", caller)
+        with engine.begin() as conn:
+            conn.execute(tasks.update().where(tasks.c.task_id == "task-0").values(status="FAILED"))
+
+        _alembic(engine, "upgrade", "0006")
+        with engine.connect() as conn:
+            counts = conn.execute(
+                select(task_counts.c.status, func.sum(task_counts.c.n)).group_by(
+                    task_counts.c.status
+                )
+            ).all()
+        assert sorted(counts) == [("FAILED", 1), ("PENDING", 4)]
+        # From here the triggers count: a new task, a status change.
+        _record(engine, "task-5", caller)
+        with engine.begin() as conn:
+            conn.execute(tasks.update().where(tasks.c.task_id == "task-1").values(status="FAILED"))
+        total, _ = list_owned_tasks(
+            engine, caller.account_id, submitted_after=datetime.min, status="FAILED"
+        )
+        assert total == 2
+
+        _alembic(engine, "downgrade", "0005")
+        assert "task_counts" not in inspect(engine).get_table_names()
+        indexes = {ix["name"]: ix["column_names"] for ix in inspect(engine).get_indexes("tasks")}
+        assert indexes["ix_tasks_account_model_submitted"] == [
+            "account_id",
+            "model",
+            "status",
+            "submitted_at",
+        ]
+        assert "ix_tasks_account_model_status_submitted" not in indexes
+        _record(engine, "task-6", caller)  # no trigger is left to write to a missing table
+        with engine.begin() as conn:
+            conn.execute(tasks.delete().where(tasks.c.task_id == "task-6"))
+        with engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(tasks)).scalar_one() == 6
+
+        _alembic(engine, "upgrade", "head")
+        assert _differences(engine, metadata) == []
+        total, _ = list_owned_tasks(engine, caller.account_id, submitted_after=datetime.min)
+        assert total == 6
+    finally:
+        engine.dispose()

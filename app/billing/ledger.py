@@ -375,7 +375,11 @@ def unsettled_final_tasks(engine: Engine, limit: int) -> list[tuple[str, str, An
                 select(table.c.task_id, table.c.status, usage)
                 .join(submissions, submissions.c.task_id == table.c.task_id)
                 .where(
-                    submissions.c.billing_state == RESERVED,
+                    # A literal, as the partial index ix_submissions_reserved has it: SQLite
+                    # reads that index (the reservations held, few) only for a query that
+                    # repeats its terms, and scanned every task otherwise (180 ms at 1M).
+                    submissions.c.billing_state
+                    == bindparam("reserved", RESERVED, literal_execute=True),
                     table.c.status.in_(sorted(SETTLING_STATUSES)),
                 )
                 .limit(limit)

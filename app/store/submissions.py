@@ -152,7 +152,8 @@ def _insert_ignoring_duplicates(dialect: str) -> Any:
 # The task of an accepted submission, its owner copied from the submission row: one statement,
 # built once per dialect.
 _TASK_OF_SUBMISSION = {
-    dialect: _insert_ignoring_duplicates(dialect).from_select(
+    dialect: _insert_ignoring_duplicates(dialect)
+    .from_select(
         [
             "task_id",
             "account_id",
@@ -178,6 +179,9 @@ _TASK_OF_SUBMISSION = {
             bindparam("finished_at", type_=DateTime),
         ).where(submissions.c.id == bindparam("submission_id")),
     )
+    # What was inserted, by RETURNING: psycopg's rowcount of this statement is -1 under
+    # SQLAlchemy 2.1, which made a task recorded twice look new on PostgreSQL.
+    .returning(tasks.c.task_id)
     for dialect in ("sqlite", "postgresql")
 }
 _RESOLVE_ACCEPTED = (
@@ -224,8 +228,8 @@ def record_accepted(
         mine = owner is None or conn.execute(select(submissions.c.id).where(matches)).first()
         if not mine:
             raise LookupError(f"no submission {accepted.submission_id} of this owner")
-        inserted = conn.execute(_TASK_OF_SUBMISSION[engine.dialect.name], params).rowcount
-        if not inserted:
+        inserted = conn.execute(_TASK_OF_SUBMISSION[engine.dialect.name], params).first()
+        if inserted is None:
             exists = conn.execute(select(submissions.c.id).where(matches)).first()
             if exists is None:
                 raise LookupError(f"no submission {accepted.submission_id}")
@@ -264,7 +268,8 @@ def record_orphan(
     }
     with writing(engine) as conn:
         inserted = conn.execute(
-            _insert_ignoring_duplicates(engine.dialect.name).values(
+            _insert_ignoring_duplicates(engine.dialect.name)
+            .values(
                 **who,
                 task_id=accepted.task_id,
                 status=accepted.status,
@@ -273,8 +278,11 @@ def record_orphan(
                 refreshed_at=accepted.accepted_at,
                 finished_at=accepted.accepted_at if accepted.status in FINAL_STATUSES else None,
             )
-        ).rowcount
-        if not inserted:
+            # RETURNING, not rowcount: psycopg's rowcount of an INSERT ... ON CONFLICT is not
+            # to be trusted under SQLAlchemy 2.1 (see _TASK_OF_SUBMISSION).
+            .returning(tasks.c.task_id)
+        ).first()
+        if inserted is None:
             return False
         submission_id = conn.execute(
             insert(submissions)
@@ -309,6 +317,13 @@ def record_orphan(
         return True
 
 
+# As the partial index ix_submissions_in_flight has it: SQLite uses a partial index only for a
+# query whose WHERE repeats its terms, literals included, and a bound parameter is not one.
+_IN_FLIGHT_LITERALLY = submissions.c.state == bindparam(
+    "in_flight", IN_FLIGHT, literal_execute=True
+)
+
+
 def in_flight(engine: Engine, sent_before: datetime) -> list[Submission]:
     """Return the submissions still in flight that were sent before a time, oldest first."""
     query = (
@@ -322,7 +337,7 @@ def in_flight(engine: Engine, sent_before: datetime) -> list[Submission]:
             submissions.c.body_sha256,
             submissions.c.sent_at,
         )
-        .where(submissions.c.state == IN_FLIGHT, submissions.c.sent_at < sent_before)
+        .where(_IN_FLIGHT_LITERALLY, submissions.c.sent_at < sent_before)
         .order_by(submissions.c.sent_at, submissions.c.id)
     )
     with engine.connect() as conn:

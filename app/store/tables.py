@@ -19,8 +19,9 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    event,
 )
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Connection, Dialect
 
 metadata = MetaData()
 
@@ -66,11 +67,14 @@ tasks = Table(
     Column("finished_at", DateTime, nullable=True),
 )
 
-# Every documented filter of `GET /tasks` reads one of these in submit order, and counts on it.
+# Every documented filter of `GET /tasks` reads one of these in submit order, and counts the
+# edges of its time range on it (task_counts has the rest): each filter's equalities, then the
+# submit time, so that the range is one contiguous stretch of the index.
 Index("ix_tasks_account_submitted", tasks.c.account_id, tasks.c.submitted_at)
 Index("ix_tasks_account_status_submitted", tasks.c.account_id, tasks.c.status, tasks.c.submitted_at)
+Index("ix_tasks_account_model_submitted", tasks.c.account_id, tasks.c.model, tasks.c.submitted_at)
 Index(
-    "ix_tasks_account_model_submitted",
+    "ix_tasks_account_model_status_submitted",
     tasks.c.account_id,
     tasks.c.model,
     tasks.c.status,
@@ -85,6 +89,80 @@ Index(
     postgresql_where=_RUNNING,
 )
 Index("ix_tasks_submitted", tasks.c.submitted_at)
+
+# How many of the hot table's tasks there are per account, model, status and hour of submit:
+# the `total` of a task list is a sum over a few of these rows plus an exact count of the two
+# partial hours at the edges of its time range, where COUNT(*) over the index alone read every
+# matching entry (97 ms for 900k tasks on SQLite, 146 ms on PostgreSQL). Triggers on tasks keep
+# it, in the transaction of each insert, status change and delete, whichever code (or operator)
+# writes them: a count kept by each writer would be wrong the day one writer forgets.
+task_counts = Table(
+    "task_counts",
+    metadata,
+    Column("account_id", Integer, primary_key=True),
+    Column("model", String(200), primary_key=True),
+    Column("status", String(32), primary_key=True),
+    # The submit time truncated to the hour.
+    Column("hour", DateTime, primary_key=True),
+    Column("n", Integer, nullable=False),
+)
+
+# The triggers, written out as the migration that made them (0006) has them. On SQLite the hour
+# is cut from the text SQLAlchemy stores ("YYYY-MM-DD HH:MM:SS.ffffff"): strftime('%s') rounds
+# 20:59:59.999999 up into the next hour. No foreign key: each count would pay for its check.
+_SQLITE_ADD = (
+    "INSERT INTO task_counts (account_id, model, status, hour, n) "
+    "VALUES (NEW.account_id, NEW.model, NEW.status, "
+    "substr(NEW.submitted_at, 1, 13) || ':00:00.000000', 1) "
+    "ON CONFLICT (account_id, model, status, hour) DO UPDATE SET n = n + 1;"
+)
+_SQLITE_REMOVE = (
+    "UPDATE task_counts SET n = n - 1 WHERE account_id = OLD.account_id AND model = OLD.model "
+    "AND status = OLD.status AND hour = substr(OLD.submitted_at, 1, 13) || ':00:00.000000';"
+)
+_COUNTED = "OLD.status, OLD.account_id, OLD.model, OLD.submitted_at"
+_COUNTED_NEW = "NEW.status, NEW.account_id, NEW.model, NEW.submitted_at"
+SQLITE_COUNT_TRIGGERS = (
+    f"CREATE TRIGGER tasks_counted_insert AFTER INSERT ON tasks BEGIN {_SQLITE_ADD} END",
+    f"CREATE TRIGGER tasks_counted_delete AFTER DELETE ON tasks BEGIN {_SQLITE_REMOVE} END",
+    "CREATE TRIGGER tasks_counted_update AFTER UPDATE OF status, account_id, model, "
+    "submitted_at ON tasks WHEN OLD.status IS NOT NEW.status "
+    "OR OLD.account_id IS NOT NEW.account_id OR OLD.model IS NOT NEW.model "
+    f"OR OLD.submitted_at IS NOT NEW.submitted_at BEGIN {_SQLITE_REMOVE} {_SQLITE_ADD} END",
+)
+POSTGRESQL_COUNT_TRIGGERS = (
+    """CREATE OR REPLACE FUNCTION tasks_counted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        UPDATE task_counts SET n = n - 1
+        WHERE account_id = OLD.account_id AND model = OLD.model AND status = OLD.status
+            AND hour = date_trunc('hour', OLD.submitted_at);
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        INSERT INTO task_counts (account_id, model, status, hour, n)
+        VALUES (NEW.account_id, NEW.model, NEW.status, date_trunc('hour', NEW.submitted_at), 1)
+        ON CONFLICT (account_id, model, status, hour) DO UPDATE SET n = task_counts.n + 1;
+    END IF;
+    RETURN NULL;
+END
+$$""",
+    "CREATE TRIGGER tasks_counted_insert_delete AFTER INSERT OR DELETE ON tasks "
+    "FOR EACH ROW EXECUTE FUNCTION tasks_counted()",
+    "CREATE TRIGGER tasks_counted_update AFTER UPDATE OF status, account_id, model, "
+    f"submitted_at ON tasks FOR EACH ROW WHEN (({_COUNTED}) IS DISTINCT FROM ({_COUNTED_NEW})) "
+    "EXECUTE FUNCTION tasks_counted()",
+)
+
+
+def _create_count_triggers(_table: Table, connection: Connection, **_kw: Any) -> None:
+    """Make the triggers of task_counts when metadata.create_all makes the tasks table."""
+    dialect = connection.dialect.name
+    for statement in SQLITE_COUNT_TRIGGERS if dialect == "sqlite" else POSTGRESQL_COUNT_TRIGGERS:
+        connection.exec_driver_sql(statement)
+
+
+# metadata.create_all (the tests' reference schemas) makes the triggers as the migration does.
+event.listen(tasks, "after_create", _create_count_triggers)
 
 
 class _Undriven(Numeric):  # type: ignore[type-arg]
@@ -180,11 +258,12 @@ submissions = Table(
     Column("billing_period", String(7), nullable=True),
 )
 
+# The reconciler reads every submission in flight, oldest first: few rows of a large table.
 _IN_FLIGHT = submissions.c.state == "in_flight"
 Index(
     "ix_submissions_in_flight",
-    submissions.c.channel,
     submissions.c.sent_at,
+    submissions.c.id,
     sqlite_where=_IN_FLIGHT,
     postgresql_where=_IN_FLIGHT,
 )
