@@ -22,8 +22,10 @@ from sqlalchemy import (
     String,
     and_,
     bindparam,
+    case,
     func,
     insert,
+    literal,
     select,
     update,
 )
@@ -148,6 +150,46 @@ _MOVE_WITHIN = _MOVE.where(
     account_balances.c.spent + account_balances.c.reserved + bindparam("more_total", type_=Money())
     <= bindparam("within", type_=Money())
 )
+# The limit a balance row is checked against: the month's row for a monthly limit, the total
+# row for a total one; NULL for the other row, and for both when the account has none.
+_LIMIT_OF_ROW = (
+    select(account_limits.c.amount)
+    .where(
+        account_limits.c.account_id == account_balances.c.account_id,
+        case((account_limits.c.per == PER_MONTH, bindparam("of_month")), else_=literal(TOTAL))
+        == account_balances.c.period,
+    )
+    .scalar_subquery()
+)
+# A month's row and the total row moved by one statement, which returns them as moved. A
+# submit runs it once where it ran four statements (the limit, two moves, the balance left).
+_MOVE_BOTH = (
+    update(account_balances)
+    .where(
+        account_balances.c.account_id == bindparam("of_account"),
+        account_balances.c.period.in_([bindparam("of_month"), literal(TOTAL)]),
+    )
+    .values(
+        spent=account_balances.c.spent + bindparam("more_spent", type_=Money()),
+        reserved=account_balances.c.reserved + bindparam("more_reserved", type_=Money()),
+    )
+    .returning(
+        account_balances.c.period,
+        account_balances.c.spent,
+        account_balances.c.reserved,
+        _LIMIT_OF_ROW,
+    )
+)
+# The same, each row only while it stays within its limit, if it has one.
+_MOVE_BOTH_WITHIN = _MOVE_BOTH.where(
+    _LIMIT_OF_ROW.is_(None)
+    | (
+        account_balances.c.spent
+        + account_balances.c.reserved
+        + bindparam("more_total", type_=Money())
+        <= _LIMIT_OF_ROW
+    )
+)
 _NEW_BALANCE = insert(account_balances).values(spent=ZERO, reserved=ZERO)
 _LEDGER_ROW = insert(ledger)
 
@@ -202,15 +244,45 @@ def _move_both(
     *,
     spent: Decimal = ZERO,
     reserved: Decimal = ZERO,
-    limit: Limit | None = None,
-) -> bool:
-    """Move an account's month row and its total row; the limit checks its own row."""
-    for period in (month, TOTAL):
-        checked = limit is not None and limit.period_key(month) == period
-        within = limit.amount if (checked and limit is not None) else None
+    enforce_limit: bool = False,
+) -> Moved:
+    """Move an account's month row and its total row; with `enforce_limit`, within its limit."""
+    params = {
+        "of_account": account_id,
+        "of_month": month,
+        "more_spent": spent,
+        "more_reserved": reserved,
+        "more_total": spent + reserved,
+    }
+    statement = _MOVE_BOTH_WITHIN if enforce_limit else _MOVE_BOTH
+    rows = conn.execute(statement, params).all()
+    remaining = next(
+        (row[3] - row.spent - row.reserved for row in rows if row[3] is not None), None
+    )
+    if len(rows) == 2:
+        return Moved(True, remaining)
+    # A row missing (the account's first move, or its month's) or a limit refusing: the rows
+    # not moved yet, one at a time, each created first if it must be.
+    limit = get_limit(conn, account_id) if enforce_limit else None
+    moved_already = {row.period for row in rows}
+    # In the order the statement above locks them: two transactions moving the same account
+    # must take its rows in one order, or PostgreSQL finds them deadlocked.
+    for period in (p for p in (month, TOTAL) if p not in moved_already):
+        within = limit.amount if limit is not None and limit.period_key(month) == period else None
         if not _move(conn, account_id, period, spent=spent, reserved=reserved, within=within):
-            return False
-    return True
+            return Moved(False, None)
+        if within is not None:
+            now_spent, now_reserved = _balance(conn, account_id, period)
+            remaining = within - now_spent - now_reserved
+    return Moved(True, remaining)
+
+
+@dataclass(frozen=True)
+class Moved:
+    """Whether both balance rows moved, and what remains of the limit after (None: no limit)."""
+
+    ok: bool
+    remaining: Decimal | None
 
 
 def _balance(conn: Connection, account_id: int, period: str) -> tuple[Decimal, Decimal]:
@@ -243,8 +315,9 @@ def reserve(
     """
     month = period_of(now)
     amount = reservation.estimate.amount
-    limit = get_limit(conn, account_id) if enforce_limit else None
-    if not _move_both(conn, account_id, month, reserved=amount, limit=limit):
+    moved = _move_both(conn, account_id, month, reserved=amount, enforce_limit=enforce_limit)
+    if not moved.ok:
+        limit = get_limit(conn, account_id)
         assert limit is not None  # only a limit refuses
         spent, reserved = _balance(conn, account_id, limit.period_key(month))
         raise LimitExceeded(limit, limit.amount - spent - reserved, amount, reservation.currency)
@@ -261,10 +334,7 @@ def reserve(
         tier=reservation.estimate.tier,
         period=month,
     )
-    if limit is None:
-        return Reserved(remaining=None)
-    spent, reserved = _balance(conn, account_id, limit.period_key(month))
-    return Reserved(remaining=limit.amount - spent - reserved)
+    return Reserved(remaining=moved.remaining)
 
 
 def release_submission(conn: Connection, submission_id: int, now: datetime) -> Decimal | None:
