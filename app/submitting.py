@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from tenacity import (
     Retrying,
     retry_if_exception,
@@ -25,6 +25,7 @@ from app.config import Channel
 from app.gateway import Gateway
 from app.observability import metrics
 from app.store import Caller, utcnow
+from app.store.group_commit import is_transient
 from app.store.submissions import (
     AcceptedTask,
     mark_not_created,
@@ -220,13 +221,6 @@ class _Submission:
             return
         metrics.journal_lines.labels("written").inc()
         log.warning("task journaled", extra={**where, "cause": cause})
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Return whether a database error may pass by itself: busy, locked, disconnected."""
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, OperationalError | InterfaceError)
 
 
 def _once_more_if_disconnected(write: Callable[[], T]) -> T:

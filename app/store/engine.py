@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from weakref import WeakKeyDictionary
 
 from sqlalchemy import Connection, Engine, Select, create_engine, event
 
+from app.store.group_commit import GroupCommit
 from app.store.schema import upgrade_schema
+
+T = TypeVar("T")
 
 # How long a connection waits for a lock other connections hold.
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -49,19 +51,36 @@ def _switch_to_wal(cursor: Any) -> None:
 
 # SQLite lets one writer in at a time and makes the others sleep and retry (up to 100 ms a
 # nap); queueing a process's writers on a lock instead wakes each the moment it may go.
-_sqlite_write_locks: WeakKeyDictionary[Engine, threading.Lock] = WeakKeyDictionary()
+_group_commits: WeakKeyDictionary[Engine, GroupCommit] = WeakKeyDictionary()
 
 
 @contextmanager
 def writing(engine: Engine) -> Iterator[Connection]:
     """Open a write transaction; on SQLite, one at a time per process."""
-    lock = _sqlite_write_locks.get(engine)
-    if lock is None:
+    group = _group_commits.get(engine)
+    if group is None:
         with engine.begin() as conn:
             yield conn
         return
-    with lock, engine.begin() as conn:
+    with group.lock, engine.begin() as conn:
         yield conn
+
+
+def group_commit_of(engine: Engine) -> GroupCommit | None:
+    """Return the group commit of a SQLite engine's writes (None for other databases)."""
+    return _group_commits.get(engine)
+
+
+def write(engine: Engine, work: Callable[[Connection], T]) -> T:
+    """Return `work(conn)` run in a write transaction; on SQLite, committed with others queued.
+
+    For the writes every submit makes: under load a batch shares one commit (group_commit.py).
+    """
+    group = _group_commits.get(engine)
+    if group is None:
+        with engine.begin() as conn:
+            return work(conn)
+    return group.run(work)
 
 
 class DirectRead:
@@ -167,7 +186,7 @@ def open_engine(
     )
     if is_sqlite:
         event.listen(engine, "connect", _tune_sqlite)
-        _sqlite_write_locks[engine] = threading.Lock()
+        _group_commits[engine] = GroupCommit(engine)
     if upgrade:
         try:
             upgrade_schema(engine)

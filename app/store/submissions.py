@@ -6,7 +6,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, String, Text, bindparam, insert, select, update
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Engine,
+    String,
+    Text,
+    bindparam,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app.billing.ledger import (
@@ -18,7 +28,7 @@ from app.billing.ledger import (
     reserve,
 )
 from app.billing.prices import Estimate
-from app.store.engine import writing
+from app.store.engine import write, writing
 from app.store.tables import FINAL_STATUSES, submissions, task_archive, tasks
 
 IN_FLIGHT = "in_flight"
@@ -89,7 +99,8 @@ def write_ahead(
         "billing_state": RESERVED if estimate else None,
         "billing_period": period_of(now) if estimate else None,
     }
-    with writing(engine) as conn:
+
+    def write_and_reserve(conn: Connection) -> tuple[int, Reserved | None]:
         submission_id = int(conn.execute(_WRITE_AHEAD, values).scalar_one())
         if reservation is None:
             return submission_id, None
@@ -103,6 +114,8 @@ def write_ahead(
             now=now,
         )
         return submission_id, reserved
+
+    return write(engine, write_and_reserve)
 
 
 def move_to_channel(engine: Engine, submission_id: int, channel: str, now: datetime) -> None:
@@ -224,7 +237,8 @@ def record_accepted(
             & (submissions.c.model == owner.model)
             & (submissions.c.task_id.is_(None) | (submissions.c.task_id == accepted.task_id))
         )
-    with writing(engine) as conn:
+
+    def record(conn: Connection) -> bool:
         mine = owner is None or conn.execute(select(submissions.c.id).where(matches)).first()
         if not mine:
             raise LookupError(f"no submission {accepted.submission_id} of this owner")
@@ -236,6 +250,8 @@ def record_accepted(
             return False  # the task was recorded already
         conn.execute(_RESOLVE_ACCEPTED, params)
         return True
+
+    return write(engine, record)
 
 
 @dataclass(frozen=True)

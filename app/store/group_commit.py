@@ -1,0 +1,136 @@
+"""Group commit on SQLite: the writes threads queue while one commits go in the next commit.
+
+SQLite takes one writer at a time, and each commit costs about as much as the writes in it
+(the WAL frames of every page touched, the lock taken and handed on). Under load a process's
+submits queue for the write lock anyway; here the thread that gets it runs every write queued
+by then in one transaction, and each caller still gets its own result or its own exception.
+With one write at a time (a quiet service) nothing changes: a batch of one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+T = TypeVar("T")
+
+
+class _Write(Generic[T]):
+    """One caller's write, and what came of it once it ran."""
+
+    def __init__(self, work: Callable[[Connection], T]) -> None:
+        self.work = work
+        self.done = False
+        self.result: T | None = None
+        self.error: BaseException | None = None
+
+    def finish(self, result: T | None = None, error: BaseException | None = None) -> None:
+        self.result, self.error, self.done = result, error, True
+
+    def outcome(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return self.result  # type: ignore[return-value]
+
+
+class _BatchFailed(Exception):
+    """One write of a batch raised: the batch is rolled back, and each write runs alone."""
+
+
+class GroupCommit:
+    """A process's writes to one SQLite database: one writer at a time, queued writes batched."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        # Held by whoever writes: a batch's leader, or a `writing()` block.
+        self.lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._queue: list[_Write[Any]] = []
+        self._leading = False
+
+    @property
+    def waiting(self) -> int:
+        """Return how many writes wait for the next commit."""
+        with self._changed:
+            return len(self._queue)
+
+    @property
+    def leading(self) -> bool:
+        """Return whether a batch is being committed, or waits for the lock to be."""
+        with self._changed:
+            return self._leading
+
+    def run(self, work: Callable[[Connection], T]) -> T:
+        """Run `work(conn)` in a write transaction, committed with whatever else is queued."""
+        write = _Write(work)
+        with self._changed:
+            self._queue.append(write)
+            while self._leading and not write.done:
+                self._changed.wait()
+            if write.done:
+                return write.outcome()
+            self._leading = True
+            batch, self._queue = self._queue, []
+        try:
+            with self.lock:
+                self._commit(batch)
+        except BaseException as exc:
+            # A worker stopping mid-commit: whoever waits on this batch must not wait on.
+            for one in batch:
+                if not one.done:
+                    one.finish(error=RuntimeError("the write was interrupted"))
+            raise exc
+        finally:
+            with self._changed:
+                self._leading = False
+                self._changed.notify_all()
+        return write.outcome()
+
+    def _commit(self, batch: list[_Write[Any]]) -> None:
+        if len(batch) == 1:
+            self._commit_alone(batch[0])
+            return
+        results: list[Any] = []
+        try:
+            with self.engine.begin() as conn:
+                for write in batch:
+                    try:
+                        results.append(write.work(conn))
+                    except Exception as exc:
+                        if is_transient(exc):
+                            raise
+                        raise _BatchFailed() from exc
+        except _BatchFailed:
+            # A write's own refusal (a limit, a lookup) must not undo the others: each again,
+            # alone, so that only its own transaction rolls back.
+            for write in batch:
+                self._commit_alone(write)
+            return
+        except Exception as exc:
+            # The database itself (busy, locked, gone): every write of the batch failed alike,
+            # and each caller's own retry decides what next.
+            for write in batch:
+                write.finish(error=exc)
+            return
+        for write, result in zip(batch, results, strict=True):
+            write.finish(result)
+
+    def _commit_alone(self, write: _Write[Any]) -> None:
+        try:
+            with self.engine.begin() as conn:
+                result = write.work(conn)
+        except Exception as exc:
+            write.finish(error=exc)
+            return
+        write.finish(result)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Return whether a database error may pass by itself: busy, locked, disconnected."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError | InterfaceError)
