@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -263,6 +264,67 @@ def test_a_connection_the_client_closes_while_waited_on_ends(make_connection):
     assert connection.handle() is False  # closed, not handed back to the poller
     assert connection.app.paths == ["/first"]
     assert connection.read_answer() == b"/first"
+
+
+# ------------------------------------------------- slow clients: the head, the drain, the errors
+
+
+def test_a_head_the_main_thread_read_is_served_from_its_bytes(make_connection):
+    connection = make_connection(4)
+    # As on_pending_socket_readable leaves it: the head read off the socket, nothing left there.
+    connection.worker._heads[connection.served] = bytearray(
+        b"GET /read HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
+    connection.served.data_ready = True
+    assert connection.handle() is True
+    assert connection.app.paths == ["/read"]
+    assert connection.read_answer() == b"/read"
+
+
+def test_part_of_a_pipelined_head_waits_on_the_main_thread_not_on_this_one(make_connection):
+    connection = make_connection(4)
+    # The start of a second request comes with the first, and the rest never does.
+    connection.client.sendall(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\nGET /sec")
+    started = time.monotonic()
+    assert connection.handle() is True  # kept alive: the poller waits for the rest
+    assert time.monotonic() - started < 1
+    assert connection.app.paths == ["/first"]
+    assert connection.worker._heads[connection.served] == bytearray(b"GET /sec")
+
+
+def test_the_start_of_a_next_head_is_left_to_the_main_thread(make_connection):
+    connection = make_connection(4)
+    connection.app.actions["/first"] = lambda: connection.client.sendall(b"GET /sec")
+    connection.send("/first")
+    started = time.monotonic()
+    assert connection.handle() is True
+    assert time.monotonic() - started < 1
+    assert connection.app.paths == ["/first"]
+
+
+def test_an_unread_body_still_arriving_ends_the_connection_without_waiting_for_it(
+    make_connection,
+):
+    connection = make_connection(4)
+    # The app answers without reading the body (as a 401 does); the client sends 3 bytes of 100.
+    connection.client.sendall(b"POST /first HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nabc")
+    started = time.monotonic()
+    # gthread would drain for 5 s (and longer for a client sending a byte now and then), then
+    # linger 2 s more on the main thread; here the body is not waited for, and the linger
+    # after the answer (the client neither sends nor closes) is this thread's.
+    assert connection.handle() is False
+    assert time.monotonic() - started < 4
+    assert connection.read_answer() == b"/first"
+
+
+def test_an_unread_body_already_arrived_is_drained_and_the_connection_kept(make_connection):
+    connection = make_connection(4)
+    connection.client.sendall(
+        b"POST /first HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc"
+        b"GET /second HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
+    assert connection.handle() is True
+    assert connection.app.paths == ["/first", "/second"]
 
 
 def test_gunicorn_refusals_are_dashscope_json() -> None:
