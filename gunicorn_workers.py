@@ -227,15 +227,18 @@ class LifoThreadWorker(ThreadWorker):
     one. The body is the app's to read within its own deadline ([server] body_timeout); a body
     the app did not read (a 401 comes before it) is drained only as far as it has arrived
     (`_keepalive_after`), and an ending connection lingers on its pool thread, never on the
-    main one (`handle`). TLS, uwsgi and HTTP/2 prior-knowledge listeners read their first bytes
-    differently, and are left to gthread as it is. gunicorn's own refusals (a malformed head,
-    too long, too many headers) are answered in DashScope's JSON envelope (`init_process`).
+    main one (`handle`; `finish_request` then only counts it gone). A stopping worker (HUP,
+    TERM) keeps doing all this until its last connection is gone, as gthread does: heads that
+    arrive are answered, with "Connection: close". TLS, uwsgi and HTTP/2 prior-knowledge
+    listeners read their first bytes differently, and are left to gthread as it is. gunicorn's
+    own refusals (a malformed head, too long, too many headers) are answered in DashScope's
+    JSON envelope (`init_process`).
 
     What is gthread's and replaced here (gunicorn 27.0.1 has no setting for any of it):
     `enqueue_req` and `on_pending_socket_readable` (the head is read on the main thread),
-    `_keepalive_after` (the drain), `util.write_error` (the error page). Each is checked by
-    tests/test_gunicorn_workers.py and tests/e2e/test_slow_clients.py against the gunicorn
-    the project pins.
+    `finish_request` (for a connection already closed), `_keepalive_after` (the drain),
+    `util.write_error` (the error page). Each is checked by tests/test_gunicorn_workers.py and
+    tests/e2e/test_slow_clients.py against the gunicorn the project pins.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -268,15 +271,20 @@ class LifoThreadWorker(ThreadWorker):
 
     def enqueue_req(self, conn: TConn) -> None:
         """Wait on the poller for the connection's request head; then hand it to a thread."""
-        # gthread calls this for a new connection, and for a kept-alive one that turned readable.
-        read_ahead = isinstance(conn.parser, Parser) and conn.parser.unreader.buf.getvalue()
-        if not self._reads_heads or read_ahead:
+        # gthread calls this for a new connection, for a kept-alive one that turned readable, and
+        # for one whose thread read ahead into its next request.
+        parser = conn.parser
+        read_ahead = parser.unreader.buf.getvalue() if isinstance(parser, Parser) else b""
+        if not self._reads_heads or _ends_head(read_ahead) or len(read_ahead) > self._head_limit:
             super().enqueue_req(conn)
             return
+        head = self._heads.setdefault(conn, bytearray())
+        if isinstance(parser, Parser) and read_ahead:
+            # Part of a pipelined head, read ahead by a thread: waited for like any other.
+            head += parser.unreader.take_buffered()
         conn.sock.setblocking(False)
         # gthread's deferred connections: closed by murder_pending once this passes.
         conn.timeout = time.monotonic() + self._head_seconds
-        self._heads.setdefault(conn, bytearray())
         self.pending_conns.append(conn)
         self.poller.register(
             conn.sock, selectors.EVENT_READ, partial(self.on_pending_socket_readable, conn)
@@ -310,6 +318,17 @@ class LifoThreadWorker(ThreadWorker):
         conn.data_ready = True  # gthread's thread must not wait for data again
         super().enqueue_req(conn)
 
+    def finish_request(self, conn: TConn, fs: futures.Future[Any]) -> None:
+        """Count a connection its pool thread closed as gone, once; leave the rest to gthread."""
+        if conn.sock.fileno() >= 0:
+            super().finish_request(conn, fs)
+            return
+        # gthread would close it again: setblocking on the closed socket raises, and its
+        # handler then takes the connection off nr_conns a second time. With nr_conns short, a
+        # stopping worker believes it has no connections left, and exits at once on a HUP or
+        # TERM, cutting the requests its threads are still answering.
+        self.nr_conns -= 1
+
     # ---- a pool thread
 
     def handle(self, conn: TConn) -> Any:
@@ -336,12 +355,11 @@ class LifoThreadWorker(ThreadWorker):
             if not isinstance(conn.parser, Parser):
                 return result
             # A pipelined request already read ahead is served now, wait or no wait; part of
-            # one waits for the rest on the main thread, like any other head.
+            # one waits for the rest on the main thread (gthread's finish_request enqueues it).
             read_ahead = conn.parser.unreader.buf.getvalue()
-            if read_ahead and (_ends_head(read_ahead) or not self._reads_heads):
-                continue
             if read_ahead:
-                self._heads[conn] = bytearray(conn.parser.unreader.take_buffered())
+                if _ends_head(read_ahead) or not self._reads_heads:
+                    continue
                 return result
             if not self._next_request_follows(conn):
                 return result
