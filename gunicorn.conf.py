@@ -40,6 +40,7 @@ timeout = int(_env("GATEWAY_TIMEOUT", "120"))
 # Time for in-flight requests to finish on reload (HUP) and stop (TERM).
 graceful_timeout = int(_env("GATEWAY_GRACEFUL_TIMEOUT", "60"))
 # Idle kept-alive connections close after this; above nginx's upstream keepalive_timeout (4 s).
+# Also the time a connection has to send a complete request head (gunicorn_workers.py).
 keepalive = int(_env("GATEWAY_KEEPALIVE", "5"))
 # Off: a worker lives until a reload (both set, workers are recycled after so many requests).
 max_requests = int(_env("GATEWAY_MAX_REQUESTS", "0"))

@@ -2,16 +2,24 @@
 
 The pool: a steady load stays on the same thread; a burst is served in full. The worker: a
 connection whose next request follows at once is served by the thread that answered it, over
-a real TCP connection, through gunicorn's own parser and WSGI layer.
+a real TCP connection, through gunicorn's own parser and WSGI layer; a stopping worker, as a
+real gunicorn process, answers every request that reached it, as stock gthread does.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import selectors
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -161,6 +169,9 @@ class Connection:
         self.worker = LifoThreadWorker(1, os.getpid(), [], None, 30, cfg, Logger(cfg))
         self.worker.wsgi = self.app
         self.worker.tpool = self.worker.get_thread_pool()
+        # What gthread's init_process sets up for its main thread (enqueue_req, finish_request).
+        self.worker.poller = selectors.DefaultSelector()
+        self.worker.method_queue.init()
         # Calls that hold every pool thread until close(), as other connections' requests would.
         self.burst = Burst(self.worker.tpool, threads) if all_threads_busy else None
         with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -178,6 +189,12 @@ class Connection:
     def handle(self) -> object:
         """Run the worker's handling of the connection, as a pool thread does."""
         return self.worker.handle(self.served)
+
+    def finish(self, result: object) -> None:
+        """Hand a pool thread's result to the worker's main thread, as its future does."""
+        done: futures.Future[Any] = futures.Future()
+        done.set_result(result)
+        self.worker.finish_request(self.served, done)
 
     def read_answer(self) -> bytes:
         """Return the body of the next answer on the connection."""
@@ -197,6 +214,8 @@ class Connection:
         if self.burst is not None:
             self.burst.finish()
         self.worker.tpool.shutdown(wait=True, cancel_futures=True)
+        self.worker.poller.close()
+        self.worker.method_queue.close()
         self.worker.tmp.close()
 
 
@@ -265,6 +284,92 @@ def test_a_connection_the_client_closes_while_waited_on_ends(make_connection):
     assert connection.read_answer() == b"/first"
 
 
+# ------------------------------------------------- slow clients: the head, the drain, the errors
+
+
+def test_a_head_the_main_thread_read_is_served_from_its_bytes(make_connection):
+    connection = make_connection(4)
+    # As on_pending_socket_readable leaves it: the head read off the socket, nothing left there.
+    connection.worker._heads[connection.served] = bytearray(
+        b"GET /read HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
+    connection.served.data_ready = True
+    assert connection.handle() is True
+    assert connection.app.paths == ["/read"]
+    assert connection.read_answer() == b"/read"
+
+
+def test_part_of_a_pipelined_head_waits_on_the_main_thread_not_on_this_one(make_connection):
+    connection = make_connection(4)
+    # The start of a second request comes with the first, and the rest only later.
+    connection.client.sendall(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\nGET /sec")
+    started = time.monotonic()
+    result = connection.handle()
+    assert result is True  # kept alive: the main thread waits for the rest
+    assert time.monotonic() - started < 1
+    assert connection.app.paths == ["/first"]
+    connection.finish(result)
+    # Waited for as a head (until the keepalive time), not as an idle kept-alive connection,
+    # whose time a stopping worker cuts to 2 s.
+    worker = connection.worker
+    assert list(worker.pending_conns) == [connection.served]
+    assert not worker.keepalived_conns
+    assert worker._heads[connection.served] == bytearray(b"GET /sec")
+    connection.client.sendall(b"ond HTTP/1.1\r\nHost: t\r\n\r\n")
+    worker.on_pending_socket_readable(connection.served, connection.served.sock)
+    assert [connection.read_answer(), connection.read_answer()] == [b"/first", b"/second"]
+
+
+def test_the_start_of_a_next_head_is_left_to_the_main_thread(make_connection):
+    connection = make_connection(4)
+    connection.app.actions["/first"] = lambda: connection.client.sendall(b"GET /sec")
+    connection.send("/first")
+    started = time.monotonic()
+    assert connection.handle() is True
+    assert time.monotonic() - started < 1
+    assert connection.app.paths == ["/first"]
+
+
+def test_an_unread_body_still_arriving_ends_the_connection_without_waiting_for_it(
+    make_connection,
+):
+    connection = make_connection(4)
+    # The app answers without reading the body (as a 401 does); the client sends 3 bytes of 100.
+    connection.client.sendall(b"POST /first HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nabc")
+    started = time.monotonic()
+    # gthread would drain for 5 s (and longer for a client sending a byte now and then), then
+    # linger 2 s more on the main thread; here the body is not waited for, and the linger
+    # after the answer (the client neither sends nor closes) is this thread's.
+    assert connection.handle() is False
+    assert time.monotonic() - started < 4
+    assert connection.read_answer() == b"/first"
+
+
+def test_an_unread_body_already_arrived_is_drained_and_the_connection_kept(make_connection):
+    connection = make_connection(4)
+    connection.client.sendall(
+        b"POST /first HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc"
+        b"GET /second HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
+    assert connection.handle() is True
+    assert connection.app.paths == ["/first", "/second"]
+
+
+def test_a_connection_its_thread_closed_is_counted_gone_once(make_connection):
+    connection = make_connection(4)
+    worker = connection.worker
+    worker.nr_conns = 1  # as accept() counts it
+    connection.client.sendall(b"GET /first HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    connection.client.shutdown(socket.SHUT_WR)  # so that the linger after the answer is short
+    result = connection.handle()
+    assert result is False
+    assert connection.served.sock.fileno() == -1  # closed (after its linger) on this thread
+    connection.finish(result)
+    # Counted twice, a stopping worker would think itself idle with requests still in flight.
+    assert worker.nr_conns == 0
+    assert connection.read_answer() == b"/first"
+
+
 def test_gunicorn_refusals_are_dashscope_json() -> None:
     left, right = socket.socketpair()
     with left, right:
@@ -278,3 +383,116 @@ def test_gunicorn_refusals_are_dashscope_json() -> None:
     assert envelope["code"] == "InvalidParameter"
     assert f"X-Request-Id: {envelope['request_id']}".encode() in head
     assert b"client" not in body  # gunicorn's message quotes the client's bytes: not repeated
+
+
+# ------------------------------------------------------- a real gunicorn process that stops
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+STOP_APP = """
+import time
+
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/slow":
+        time.sleep(1.5)
+    body = environ["PATH_INFO"].encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+def read_response(sock: socket.socket) -> tuple[bytes, dict[str, str], bytes]:
+    """Read one answer off a blocking socket: its status line, headers and body."""
+    answer = sock.makefile("rb")
+    status = answer.readline().rstrip()
+    headers: dict[str, str] = {}
+    while (line := answer.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = answer.read(int(headers.get("content-length", "0")))
+    return status, headers, body
+
+
+@pytest.fixture
+def lone_worker(tmp_path: Path) -> Iterator[Callable[[str], tuple[subprocess.Popen[bytes], int]]]:
+    """Start gunicorn (one worker of the given class, 4 threads) on a small app; stop it after."""
+    started: list[subprocess.Popen[bytes]] = []
+    (tmp_path / "stop_app.py").write_text(STOP_APP)
+    (tmp_path / "empty.conf.py").write_text("")
+
+    def start(worker_class: str) -> tuple[subprocess.Popen[bytes], int]:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [
+            str(Path(sys.executable).parent / "gunicorn"),
+            "-c", str(tmp_path / "empty.conf.py"),
+            "-k", worker_class, "-w", "1", "--threads", "4",
+            "--keep-alive", "5", "--graceful-timeout", "10",
+            "-b", f"127.0.0.1:{port}", "stop_app:app",
+        ]  # fmt: skip
+        process = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        started.append(process)
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+                    sock.sendall(b"GET /up HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                    if read_response(sock)[0].startswith(b"HTTP/1.1 200"):
+                        return process, port
+            except OSError:
+                time.sleep(0.1)
+        pytest.fail(f"gunicorn ({worker_class}) did not answer in time")
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(WAIT)
+
+
+@pytest.mark.parametrize(
+    "worker_class", ["gunicorn_workers.LifoThreadWorker", "gthread"], ids=["lifo", "gthread"]
+)
+def test_a_stopping_worker_answers_every_request_that_reached_it(lone_worker, worker_class):
+    process, port = lone_worker(worker_class)
+
+    def connect() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+
+    # Connections that end on their own first: a worker that miscounted them would think
+    # itself idle on TERM and exit with the requests below unanswered.
+    for _ in range(6):
+        with connect() as sock:
+            sock.sendall(b"GET /closed HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            assert read_response(sock)[2] == b"/closed"
+    with connect() as kept, connect() as slow, connect() as partial:
+        kept.sendall(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert read_response(kept)[2] == b"/first"  # then idle, kept alive
+        slow.sendall(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")  # in flight on TERM
+        partial.sendall(b"GET /partial HTTP/1.1\r\nHost: t\r\n")  # its head unfinished
+        time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        # Within gthread's 2 s for a stopping worker's kept-alive connections, and the head's
+        # keepalive time: both are answered, with "Connection: close".
+        kept.sendall(b"GET /kept HTTP/1.1\r\nHost: t\r\n\r\n")
+        partial.sendall(b"\r\n")
+        answers = {}
+        for name, sock in (("slow", slow), ("kept", kept), ("partial", partial)):
+            status, headers, body = read_response(sock)
+            answers[name] = (status, body)
+            if name != "slow":  # its keep-alive was settled before TERM
+                assert headers.get("connection") == "close", (name, headers)
+        assert answers == {
+            "slow": (b"HTTP/1.1 200 OK", b"/slow"),
+            "kept": (b"HTTP/1.1 200 OK", b"/kept"),
+            "partial": (b"HTTP/1.1 200 OK", b"/partial"),
+        }
+    assert process.wait(WAIT) == 0

@@ -388,6 +388,29 @@ def lone_gateway(
         closed.close()
 
 
+def test_slow_and_idle_clients_do_not_take_gunicorns_threads(
+    lone_gateway: tuple[Gateway, str],
+) -> None:
+    gateway, key = lone_gateway
+    # 800 connections that never finish a head, against 128 threads: gthread alone would
+    # give each of them a thread for as long as it dribbles. Body dribblers take a thread
+    # each while they are read, for body_timeout at most (20 of them, under one worker's 64).
+    # The normal client connects anew for each request: each is accepted and its head read
+    # among the 800, then given a thread.
+    report = attack(
+        gateway.url, key, "--heads", "400", "--bodies", "40", "--idle", "400",
+        "--duration", "10", "--settle", "1", "--fresh",
+    )  # fmt: skip
+    assert sum(report["open_when_normal_client_started"].values()) >= 800, report
+    assert_served(report)
+    slow = report["slow"]
+    # Every valid-key body dribbler was cut off at body_timeout, in DashScope's envelope, and
+    # dribbled again; an unknown key was refused at once and its connection closed.
+    assert slow["body_dribblers_valid_key"]["answers"].get("408", 0) >= 20, report
+    assert slow["body_dribblers_unknown_key"]["answers"].get("401", 0) >= 20, report
+    assert slow["body_dribblers_unknown_key"]["closed_by_server"] >= 20, report
+
+
 def test_a_body_that_does_not_arrive_in_time_is_408_and_ends_the_connection(
     lone_gateway: tuple[Gateway, str],
 ) -> None:
@@ -408,3 +431,28 @@ def test_a_body_that_does_not_arrive_in_time_is_408_and_ends_the_connection(
     assert json.loads(body)["code"] == "RequestTimeOut"
     # Answered at body_timeout, then closed (recv returned b""): the thread is free again.
     assert BODY_TIMEOUT - 0.5 <= elapsed < BODY_TIMEOUT + 3, elapsed
+
+
+def test_a_head_that_never_ends_is_closed_without_a_thread(
+    lone_gateway: tuple[Gateway, str],
+) -> None:
+    gateway, _key = lone_gateway
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=HTTP_TIMEOUT) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")
+        started = time.monotonic()
+        closed = b""
+        while time.monotonic() - started < 15:
+            sock.sendall(b"X")  # a header line that never ends
+            sock.settimeout(0.5)
+            try:
+                closed = sock.recv(65536)
+                break
+            except TimeoutError:
+                continue
+            except OSError:  # reset
+                break
+        elapsed = time.monotonic() - started
+    # gunicorn's keepalive (5 s) bounds the whole head; nothing was answered.
+    assert closed == b""
+    assert elapsed < 8, elapsed
