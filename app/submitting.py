@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from decimal import Decimal
@@ -179,20 +180,34 @@ class _Submission:
             accepted_at=utcnow(),
         )
         try:
-            for attempt in Retrying(
-                retry=retry_if_exception(is_transient),
-                stop=stop_after_delay(self.gateway.settings.record_retry_seconds),
-                wait=wait_exponential_jitter(multiplier=0.05, max=2.0),
-                reraise=True,
-            ):
-                with attempt:
-                    record_accepted(self.gateway.engine, accepted, by="answer")
+            self._record(accepted)
         except SQLAlchemyError as exc:
             self._journal(accepted, channel, type(exc).__name__)
             return
         metrics.task_transitions.labels(
             metrics.NEW_TASK, metrics.task_status_label(accepted.status)
         ).inc()
+
+    def _record(self, accepted: AcceptedTask) -> None:
+        """Record the task, retrying transient database failures with backoff."""
+        started = time.monotonic()
+        try:
+            record_accepted(self.gateway.engine, accepted, by="answer")
+            return
+        except SQLAlchemyError as exc:
+            # The first try's time (a busy timeout, say) counts against the same budget.
+            left = self.gateway.settings.record_retry_seconds - (time.monotonic() - started)
+            if not is_transient(exc) or left <= 0:
+                raise
+        # Built only when the database has refused once: every submit would pay for it.
+        for attempt in Retrying(
+            retry=retry_if_exception(is_transient),
+            stop=stop_after_delay(left),
+            wait=wait_exponential_jitter(multiplier=0.05, max=2.0),
+            reraise=True,
+        ):
+            with attempt:
+                record_accepted(self.gateway.engine, accepted, by="answer")
 
     def _journal(self, accepted: AcceptedTask, channel: Channel, cause: str) -> None:
         entry = {
