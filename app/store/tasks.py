@@ -21,7 +21,7 @@ from sqlalchemy import (
     update,
 )
 
-from app.store.engine import DirectRead, writing
+from app.store.engine import DirectRead, write, writing
 from app.store.tables import FINAL_STATUSES, submissions, task_archive, task_counts, tasks
 
 
@@ -131,8 +131,9 @@ def claim_refresh(engine: Engine, task_id: str, now: datetime, interval: float) 
     """Claim the right to ask upstream about a task; at most one claim wins per interval."""
     # A conditional update, so the rule holds across threads, workers and instances alike.
     params = {"which": task_id, "due": now - timedelta(seconds=interval), "now": now}
-    with writing(engine) as conn:
-        return conn.execute(_CLAIM_REFRESH, params).rowcount == 1
+    # Every query of a running task makes this write and the next: under load, one commit each
+    # for many queries (group commit, on SQLite).
+    return write(engine, lambda conn: conn.execute(_CLAIM_REFRESH, params).rowcount == 1)
 
 
 def record_answer(
@@ -145,8 +146,7 @@ def record_answer(
         "new_body": upstream_body,
         "new_finished_at": now if status in FINAL_STATUSES else None,
     }
-    with writing(engine) as conn:
-        conn.execute(_RECORD_ANSWER, params)
+    write(engine, lambda conn: conn.execute(_RECORD_ANSWER, params))
 
 
 def force_refresh(engine: Engine, task_id: str) -> None:
