@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -135,3 +137,47 @@ def test_a_write_alone_commits_at_once(engine: Engine) -> None:
     assert write(engine, add_account("alone")) >= 1
     assert len(commits) == 1
     assert account_names(engine) == {"alone"}
+
+
+# Another process's write, started while this one holds the writer lock: it reports when it
+# waits and when it has written.
+OTHER_PROCESS_WRITE = """
+import sys
+from sqlalchemy import text
+from app.store import open_engine
+from app.store.engine import write
+engine = open_engine(sys.argv[1], upgrade=False)
+print("ready", flush=True)
+write(engine, lambda conn: conn.execute(
+    text("INSERT INTO accounts (name, created_at) VALUES ('other', '2026-12-03')")))
+print("written", flush=True)
+"""
+
+
+def flock_waiters(pid: int) -> bool:
+    """Return whether a process waits for an flock (a `->` line of /proc/locks)."""
+    with open("/proc/locks") as locks:
+        return any(
+            line.split()[1:3] == ["->", "FLOCK"] and line.split()[5] == str(pid) for line in locks
+        )
+
+
+def test_processes_queue_for_the_writer_lock_without_sleeping(
+    engine: Engine, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'gateway.sqlite3'}"
+    with writing(engine):  # no statement yet: SQLite itself holds no lock, only ours is held
+        other = subprocess.Popen(
+            [sys.executable, "-c", OTHER_PROCESS_WRITE, url],
+            cwd=Path(__file__).resolve().parents[1],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert other.stdout is not None
+        assert other.stdout.readline().strip() == "ready"
+        wait_until(lambda: flock_waiters(other.pid))
+        assert account_names(engine) == set()
+    # Woken by the kernel when the lock is let go, not by polling.
+    assert other.stdout.readline().strip() == "written"
+    assert other.wait(timeout=30) == 0
+    assert account_names(engine) == {"other"}
