@@ -72,9 +72,11 @@ class WriterLock:
             # Opened again in a forked child: an inherited descriptor would share the parent's
             # lock instead of competing for it.
             self._pid = os.getpid()
+            # An flock needs only a read-only descriptor, and the file is readable by all (as
+            # SQLite makes the database): a CLI run as another user than the service takes it too.
             try:
                 self._descriptor = os.open(
-                    self._path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600
+                    self._path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644
                 )
             except OSError:
                 self._descriptor = None  # a read-only folder: SQLite's lock alone, as before
