@@ -157,18 +157,14 @@ print("written", flush=True)
 def flock_waiters(pid: int) -> bool:
     """Return whether a process waits for an flock (a `->` line of /proc/locks)."""
     with open("/proc/locks") as locks:
-        return any(
-            line.split()[1:3] == ["->", "FLOCK"] and line.split()[5] == str(pid) for line in locks
-        )
+        fields = [line.split() for line in locks]
+    return any(f[1:3] == ["->", "FLOCK"] and f[5] == str(pid) for f in fields)
 
 
-def test_processes_queue_for_the_writer_lock_without_sleeping(
-    engine: Engine, tmp_path: Path
-) -> None:
-    url = f"sqlite:///{tmp_path / 'gateway.sqlite3'}"
+def test_processes_queue_for_the_writer_lock_without_sleeping(engine: Engine) -> None:
     with writing(engine):  # no statement yet: SQLite itself holds no lock, only ours is held
         other = subprocess.Popen(
-            [sys.executable, "-c", OTHER_PROCESS_WRITE, url],
+            [sys.executable, "-c", OTHER_PROCESS_WRITE, str(engine.url)],
             cwd=Path(__file__).resolve().parents[1],
             stdout=subprocess.PIPE,
             text=True,

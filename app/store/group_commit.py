@@ -83,7 +83,7 @@ class WriterLock:
         return self._descriptor
 
 
-def writer_lock_path(engine: Engine) -> str | None:
+def _writer_lock_path(engine: Engine) -> str | None:
     """Return the file the processes writing to a SQLite database lock (None: in memory)."""
     database = engine.url.database
     if not database or database == ":memory:" or database.startswith("file:"):
@@ -119,7 +119,7 @@ class GroupCommit:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         # Held by whoever writes, in any process: a batch's leader, or a `writing()` block.
-        self.lock = WriterLock(writer_lock_path(engine))
+        self.lock = WriterLock(_writer_lock_path(engine))
         self._changed = threading.Condition()
         self._queue: list[_Write[Any]] = []
         self._leading = False
