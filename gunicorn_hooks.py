@@ -108,8 +108,12 @@ def log_config(level: str, error_target: str | None, access_target: str | None) 
                 "handlers": ["access"],
                 "propagate": False,
             },
-            # One line per request and per upstream call, whatever GATEWAY_LOG_LEVEL says.
-            "bailian_gateway": {"level": "INFO", "propagate": True},
+            # One line per request and per failed upstream call, whatever GATEWAY_LOG_LEVEL
+            # says; at debug, one per answered upstream call too.
+            "bailian_gateway": {
+                "level": "DEBUG" if level.upper() == "DEBUG" else "INFO",
+                "propagate": True,
+            },
         },
     }
 

@@ -80,6 +80,7 @@ def test_one_access_line_per_request_with_who_what_and_where(
         "channel": "primary",
         "upstream_status": 200,
         "upstream_request_id": "up-submit",
+        "task_id": TASK_ID,
     }
 
 
@@ -117,12 +118,8 @@ def test_request_ids_are_uuid4s_that_forked_workers_do_not_repeat(client: FlaskC
     assert in_child != in_parent
 
 
-def test_one_upstream_line_per_call_with_the_path_template(
-    client: FlaskClient,
-    api_key: str,
-    upstream: responses.RequestsMock,
-    logs: pytest.LogCaptureFixture,
-) -> None:
+def submit_and_query(client: FlaskClient, api_key: str, upstream: responses.RequestsMock) -> None:
+    """Submit a task and query it once, both answered by DashScope."""
     upstream.post(UPSTREAM_SUBMIT, json=ACCEPTED)
     upstream.get(
         UPSTREAM_TASK, json={"request_id": "up-query", "output": {"task_status": "RUNNING"}}
@@ -134,6 +131,41 @@ def test_one_upstream_line_per_call_with_the_path_template(
         client.get(f"/alibailian/api/v1/tasks/{TASK_ID}", headers=bearer(api_key)).status_code
         == 200
     )
+
+
+def test_an_answered_upstream_call_is_in_the_access_line_and_its_own_only_at_debug(
+    client: FlaskClient,
+    api_key: str,
+    upstream: responses.RequestsMock,
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    submit_and_query(client, api_key, upstream)
+
+    assert lines_of(logs, "bailian_gateway.upstream") == []
+    submitted, queried = lines_of(logs, "bailian_gateway.access")
+    fields = ("channel", "upstream_status", "upstream_request_id", "task_id")
+    assert {k: submitted[k] for k in fields} == {
+        "channel": "primary",
+        "upstream_status": 200,
+        "upstream_request_id": ACCEPTED["request_id"],
+        "task_id": TASK_ID,
+    }
+    assert {k: queried[k] for k in fields} == {
+        "channel": "primary",
+        "upstream_status": 200,
+        "upstream_request_id": "up-query",
+        "task_id": TASK_ID,
+    }
+
+
+def test_at_debug_one_upstream_line_per_call_with_the_path_template(
+    client: FlaskClient,
+    api_key: str,
+    upstream: responses.RequestsMock,
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    logs.set_level(logging.DEBUG, logger="bailian_gateway")
+    submit_and_query(client, api_key, upstream)
 
     submitted, queried = lines_of(logs, "bailian_gateway.upstream")
     access = lines_of(logs, "bailian_gateway.access")

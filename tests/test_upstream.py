@@ -586,11 +586,35 @@ def test_a_failed_call_is_logged_with_its_cause_and_no_url_or_key(
         assert secret not in line
 
 
-def test_an_answered_call_is_logged_without_a_cause(
+def test_an_answered_call_is_logged_at_debug_without_a_cause(
     upstream: responses.RequestsMock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="bailian_gateway")
+    DashScopeClient(1, 1, query_retries=0).query_task(channel("https://dashscope.test"), "t-1")
+
+    [record] = [r for r in caplog.records if r.name == "bailian_gateway.upstream"]
+    assert (record.levelname, record.getMessage(), getattr(record, "cause", "unset")) == (
+        "DEBUG",
+        "upstream query: ok",
+        None,
+    )
+
+
+def test_an_answer_of_an_error_status_is_logged_at_info(
+    upstream: responses.RequestsMock, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream.reset()
+    upstream.get(
+        "https://dashscope.test/api/v1/tasks/t-1",
+        status=400,
+        json={"code": "InvalidParameter", "message": "bad", "request_id": "r-1"},
+    )
     caplog.set_level(logging.INFO, logger="bailian_gateway")
     DashScopeClient(1, 1, query_retries=0).query_task(channel("https://dashscope.test"), "t-1")
 
     [record] = [r for r in caplog.records if r.name == "bailian_gateway.upstream"]
-    assert (record.getMessage(), getattr(record, "cause", "unset")) == ("upstream query: ok", None)
+    assert (record.levelname, record.getMessage(), record.status) == (
+        "INFO",
+        "upstream query: http_error",
+        400,
+    )

@@ -60,6 +60,7 @@ def _finish(response: Response) -> Response:
             "channel": getattr(state, "channel", None),
             "upstream_status": getattr(state, "upstream_status", None),
             "upstream_request_id": upstream_request_id,
+            "task_id": getattr(state, "task_id", None),
         },
     )
     return response

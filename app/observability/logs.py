@@ -36,7 +36,7 @@ def configure_logging() -> None:
         handler.setFormatter(json_formatter())
         root.addHandler(handler)
     gateway = logging.getLogger(GATEWAY_LOGGER)
-    # Access and upstream lines are INFO; an operator's own level (set before us) wins.
+    # Access lines and failed upstream calls are INFO; an operator's own level (set before us) wins.
     if gateway.level == logging.NOTSET:
         gateway.setLevel(logging.INFO)
     _stamp_request_ids()

@@ -324,7 +324,7 @@ def get_owned_task_or_fail(caller: Caller, task_id: str) -> Task:
                 gateway.final_tasks.put(task_id, task)
     if task is None:
         raise task_not_exist()
-    g.model, g.channel = task.model, task.channel
+    g.model, g.channel, g.task_id = task.model, task.channel, task.task_id
     return task
 
 
@@ -403,4 +403,6 @@ def native_response(answer: UpstreamAnswer) -> Response:
     """Return DashScope's answer to the client as it came: status and bytes."""
     g.upstream_request_id = answer.request_id
     g.upstream_status = answer.status
+    if "task_id" not in g:  # a submit's: the task DashScope created
+        g.task_id = answer.task_id
     return Response(answer.body, status=answer.status, mimetype="application/json")

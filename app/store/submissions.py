@@ -10,6 +10,7 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Engine,
+    Select,
     String,
     Text,
     bindparam,
@@ -229,22 +230,25 @@ def record_accepted(
         "finished_at": accepted.accepted_at if accepted.status in FINAL_STATUSES else None,
         "resolved_by": by,
     }
-    matches = submissions.c.id == accepted.submission_id
-    if owner is not None:
-        matches &= (
-            (submissions.c.account_id == owner.account_id)
-            & (submissions.c.key_id == owner.key_id)
-            & (submissions.c.model == owner.model)
-            & (submissions.c.task_id.is_(None) | (submissions.c.task_id == accepted.task_id))
-        )
+
+    def matching() -> Select[tuple[int]]:
+        # Built only when asked: a submit's own record (no owner, not recorded yet) never is.
+        matches = submissions.c.id == accepted.submission_id
+        if owner is not None:
+            matches &= (
+                (submissions.c.account_id == owner.account_id)
+                & (submissions.c.key_id == owner.key_id)
+                & (submissions.c.model == owner.model)
+                & (submissions.c.task_id.is_(None) | (submissions.c.task_id == accepted.task_id))
+            )
+        return select(submissions.c.id).where(matches)
 
     def record(conn: Connection) -> bool:
-        mine = owner is None or conn.execute(select(submissions.c.id).where(matches)).first()
-        if not mine:
+        if owner is not None and not conn.execute(matching()).first():
             raise LookupError(f"no submission {accepted.submission_id} of this owner")
         inserted = conn.execute(_TASK_OF_SUBMISSION[engine.dialect.name], params).first()
         if inserted is None:
-            exists = conn.execute(select(submissions.c.id).where(matches)).first()
+            exists = conn.execute(matching()).first()
             if exists is None:
                 raise LookupError(f"no submission {accepted.submission_id}")
             return False  # the task was recorded already

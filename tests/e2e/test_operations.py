@@ -420,7 +420,8 @@ def test_without_a_metrics_dir_the_master_makes_one_and_removes_it(
 def test_the_gunicorn_log_is_json_lines_without_keys_or_bodies(
     serve: Callable[..., Gateway],
 ) -> None:
-    server = serve(GATEWAY_ACCESS_LOG="-")
+    # At debug, the answered upstream calls log a line each too: every kind of line is scanned.
+    server = serve(GATEWAY_ACCESS_LOG="-", GATEWAY_LOG_LEVEL="debug")
     key = server.create_key("ops-logs")
     revoked = server.create_key("ops-logs")
     image = f"data:image/png;base64,{IMAGE_MARKER}"
@@ -457,6 +458,9 @@ def test_the_gunicorn_log_is_json_lines_without_keys_or_bodies(
     loggers = {line["logger"] for line in lines}
     assert {"gunicorn.error", "gunicorn.access", "bailian_gateway.access"} <= loggers
     assert "bailian_gateway.upstream" in loggers
+    assert {line["level"] for line in lines if line["logger"] == "bailian_gateway.upstream"} == {
+        "DEBUG"
+    }
     [submitted] = [
         line
         for line in lines
