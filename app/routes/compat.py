@@ -302,7 +302,7 @@ def ensure_model_allowed(caller: Caller, model: str) -> None:
 
 def count_submit(channel: Channel, model: str, answer: UpstreamAnswer) -> None:
     """Count a submit DashScope answered, under a model label the configuration offers."""
-    g.channel = channel.name
+    g.channel, g.task_id = channel.name, answer.task_id
     offered = current_gateway().settings.offered_models
     metrics.submits.labels(metrics.label_from(model, offered), str(answer.status)).inc()
 
@@ -403,6 +403,4 @@ def native_response(answer: UpstreamAnswer) -> Response:
     """Return DashScope's answer to the client as it came: status and bytes."""
     g.upstream_request_id = answer.request_id
     g.upstream_status = answer.status
-    if "task_id" not in g:  # a submit's: the task DashScope created
-        g.task_id = answer.task_id
     return Response(answer.body, status=answer.status, mimetype="application/json")
