@@ -2,7 +2,8 @@
 
 These tests signal their gunicorn master (HUP, TERM), so each one starts its own with
 conftest.py's start_gateway (the shipped gunicorn.conf.py), next to the session's simulator
-and database.
+and database; the reload of `make serve` signals scripts/serve.sh, started as
+test_slow_clients.py starts it.
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ from .conftest import (
     T2V,
     Gateway,
     Simulator,
+    _reserve_closed_port,
+    assert_native_error,
     bearer,
     query,
     start_gateway,
     stop,
     submit,
 )
+from .test_slow_clients import Stack, command_of, start_stack, stop_stack
 
 SLOW_SECONDS = 2.0
 SLOW_PROMPT = f"[sleep={SLOW_SECONDS}] in flight"
@@ -260,6 +264,79 @@ def test_a_reload_with_a_broken_gunicorn_settings_file_keeps_serving(
     server.signal(signal.SIGHUP)
     server.wait_for_log(lambda m: len(booted(m)) == 5 and len(exited(m)) == 2)
     assert server.process.poll() is None
+
+
+def submit_too_large_for_nginx(stack: Stack) -> requests.Response:
+    """Submit 2 MiB of not-JSON through nginx: over a 1 MiB body limit, under the shipped one."""
+    return requests.post(
+        f"{stack.url}{SUBMIT_PATH}",
+        data=b"x" * (2 * 1024 * 1024),
+        headers={**bearer(stack.key), "Content-Type": "application/json"},
+        timeout=HTTP_TIMEOUT,
+    )
+
+
+def test_a_hup_to_make_serve_refuses_a_mistake_and_applies_the_fixed_file_to_both(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    # systemd's ExecReload=/bin/kill -HUP $MAINPID: under `make serve` the main pid is serve.sh.
+    closed = _reserve_closed_port()
+    stack = start_stack(tmp_path, simulator, closed.getsockname()[1])
+    children = stack.children()
+    try:
+        assert set(children) == {"gunicorn", "nginx"}, stack.log()
+        stack.wait_for_log(lambda m: len(booted(m)) == 2)
+        config = tmp_path / "gateway.toml"
+        good = config.read_text()
+        # Under the shipped 20 MiB limit nginx passes it on, and the app refuses it (its own id).
+        passed_on = assert_native_error(submit_too_large_for_nginx(stack), 400, "InvalidParameter")
+        assert len(passed_on["request_id"]) == 36, passed_on
+
+        config.write_text(good + "\n[upstream\nread_timeout = 3\n")
+        stack.process.send_signal(signal.SIGHUP)
+        stack.wait_for_log(lambda m: len(refusals(m)) == 1)
+
+        assert "not valid TOML" in refusals(stack.messages())[0]
+        deadline = time.monotonic() + 10
+        while "serve: nginx not reloaded" not in stack.log_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline, stack.log()
+            time.sleep(0.1)
+        assert [submit(stack, stack.key).status_code for _ in range(4)] == [200] * 4
+        assert submit_added(stack, stack.key).status_code == 400  # not offered yet
+        assert stack.process.poll() is None, stack.log()
+        assert stack.children() == children  # the same gunicorn and nginx masters
+        messages = stack.messages()
+        assert (len(booted(messages)), exited(messages)) == (2, [])  # and the same workers
+
+        # The fixed file adds a model, and lowers the body limit nginx takes from it.
+        fixed = good.replace("[server]\n", "[server]\nmax_body_bytes = 1048576\n", 1)
+        config.write_text(fixed + ADDED.format(base_url=simulator.url))
+        stack.process.send_signal(signal.SIGHUP)
+        stack.wait_for_log(lambda m: len(booted(m)) == 4 and len(exited(m)) == 2)
+
+        assert submit_added(stack, stack.key).status_code == 200
+        # nginx reloaded on the refilled config: it refuses the body itself, with its own id
+        # (the reloaded app would refuse it too, with a UUID, had nginx let it through).
+        deadline = time.monotonic() + 10
+        while True:
+            too_large = submit_too_large_for_nginx(stack)
+            if too_large.status_code == 413 and len(too_large.json()["request_id"]) == 32:
+                break
+            assert time.monotonic() < deadline, (too_large.text, stack.log())
+            time.sleep(0.2)
+        assert_native_error(too_large, 413, "BadRequest.TooLarge")
+        assert len(refusals(stack.messages())) == 1
+        assert stack.process.poll() is None, stack.log()
+        assert stack.children() == children
+    finally:
+        status = stop_stack(stack)
+        closed.close()
+        # What a serve.sh killed by the HUP would have left running, unsupervised.
+        orphans = {name: pid for name, pid in children.items() if name in command_of(pid)}
+        for pid in orphans.values():
+            os.kill(pid, signal.SIGTERM)
+    assert not orphans, f"serve.sh left {orphans} running:\n{stack.log()}"
+    assert status == 0, f"serve.sh did not stop cleanly on TERM after its reloads:\n{stack.log()}"
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this OS")
