@@ -146,7 +146,8 @@ class TaskListQuerySchema(Schema):
     page_no = fields.Integer(load_default=1, validate=validate.Range(min=1, max=MAX_PAGE_NO))
     page_size = fields.Integer(load_default=10, validate=validate.Range(min=1, max=100))
     status = fields.String(validate=validate.OneOf(TASK_STATUSES))
-    model_name = fields.String()
+    # No model has a NUL in its name, and PostgreSQL's text cannot hold one.
+    model_name = fields.String(validate=validate.Regexp(r"[^\x00]*\Z", error="Not a model name."))
     start_time = fields.DateTime(format=LIST_TIME_FORMAT)
     end_time = fields.DateTime(format=LIST_TIME_FORMAT)
 

@@ -63,7 +63,7 @@ def remember_policy(
     """Record the upload directory of a policy DashScope gave, for the account and channel."""
     policy = data.get("data") if isinstance(data, dict) else None
     upload_dir = policy.get("upload_dir") if isinstance(policy, dict) else None
-    if not isinstance(upload_dir, str) or not upload_dir:
+    if not isinstance(upload_dir, str) or not upload_dir or "\x00" in upload_dir:
         return  # nothing to bind: a file uploaded under it would be refused anyway
     now = utcnow()
     record_upload(
@@ -83,6 +83,9 @@ def upload_channel(gateway: Gateway, caller: Caller, model: str, input_: Any) ->
     if not found:
         return None
     dirs = {field: url[len(OSS_SCHEME) :].rpartition("/")[0] for field, url in found}
+    for field, upload_dir in dirs.items():
+        if "\x00" in upload_dir:  # no upload folder has one (and PostgreSQL cannot look it up)
+            raise OssInputRefused(field, "not a file this account uploaded, or it expired.")
     owned = owned_uploads(gateway.engine, caller.account_id, sorted(set(dirs.values())), utcnow())
     channels = set()
     for field, upload_dir in dirs.items():

@@ -91,11 +91,25 @@ def test_an_oss_file_of_another_account_or_model_is_refused_by_field(
     foreign = oss_submit(client, bob, "oss://d/alice/cat.png")
     unknown = oss_submit(client, alice, "oss://d/elsewhere/cat.png")
     other_model = oss_submit(client, alice, "oss://d/alice/cat.png", "wanx2.1-kf2v-plus")
+    nul = oss_submit(client, alice, "oss://d/alice\x00/cat.png")  # no text PostgreSQL holds
 
-    for answer in (foreign, unknown, other_model):
+    for answer in (foreign, unknown, other_model, nul):
         assert (answer.status_code, answer.json["code"]) == (400, "InvalidParameter")
         assert answer.json["message"].startswith("input.img_url: ")
     assert "another model" in other_model.json["message"]
+
+
+def test_a_policy_whose_folder_holds_a_nul_is_relayed_but_binds_nothing(
+    app: Flask, client: FlaskClient, upstream: responses.RequestsMock
+) -> None:
+    upstream.get(f"{PRIMARY}/api/v1/uploads", json=policy("d/alice\x00"))
+    alice = new_key(app, "alice")
+
+    answer = get_policy(client, alice)
+    submit = oss_submit(client, alice, "oss://d/alice/cat.png")
+
+    assert answer.status_code == 200
+    assert (submit.status_code, submit.json["code"]) == (400, "InvalidParameter")
 
 
 def test_get_policy_needs_a_key_and_an_allowed_model(app: Flask, client: FlaskClient) -> None:
