@@ -7,6 +7,8 @@ import importlib.util
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -229,3 +231,26 @@ def test_a_forked_worker_and_the_threads_it_starts_run_on_its_cpu_only(
 
     assert seen == {"worker": [cpu], "thread": [cpu]}
     assert os.sched_getaffinity(0) == before  # the hook ran in the child only
+
+
+def test_the_settings_and_their_machinery_import_nothing_of_the_app() -> None:
+    # The master loads these; a HUP reload can only bring in fresh app code if it never did.
+    program = (
+        "import sys\nfrom gunicorn.app.base import Application\n"
+        "class Loader(Application):\n"
+        "    def load_config(self): self.load_config_from_file(sys.argv[1])\n"
+        "    def load(self): pass\n"
+        "loader = Loader(); import gunicorn_workers\n"
+        "assert loader.cfg.worker_class_str == 'gunicorn_workers.LifoThreadWorker'\n"
+        "print(sorted(m for m in sys.modules if m == 'app' or m.startswith('app.')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program, str(CONF_PATH)],
+        cwd=CONF_PATH.parent,
+        env={**os.environ, "GATEWAY_WORKER_CLASS": "gunicorn_workers.LifoThreadWorker"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+    assert done.stdout.strip() == "[]"
