@@ -41,8 +41,14 @@ class Journal:
 
     def reject(self, entry: Entry) -> None:
         """Keep an entry that cannot be replayed in a file of its own, for an operator."""
-        with open(self.rejected_path, "a") as rejected:
-            rejected.write(json.dumps(entry) + "\n")
+        # Durable as the journal is: the replay forgets the entry once this returns. Private as
+        # the journal is: an entry holds DashScope's answer.
+        fd = os.open(self.rejected_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, json.dumps(entry).encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def lines(self) -> int:
         """Return how many entries wait to be replayed."""
@@ -51,20 +57,39 @@ class Journal:
     def replay(self, apply: Callable[[Entry], None]) -> int | None:
         """Apply every entry, oldest first, and forget them; None if another replay is running.
 
-        `apply` must be idempotent: a replay that fails part-way is tried again from the start
-        of the same file. An exception from `apply` stops the replay and propagates.
+        An exception from `apply` stops the replay and propagates; the next replay starts at
+        the entry that raised. `apply` must still be idempotent: a replay cut short by a crash
+        starts again from the start of the same file.
         """
         with self._replay_lock() as locked:
             if not locked:
                 return None
             self._move_aside()
+            lines = _read_lines(self.replaying_path)
             replayed = 0
-            for entry in _read_entries(self.replaying_path):
-                apply(entry)
+            for index, line in enumerate(lines):
+                entry = _entry_of(line)
+                if entry is None:
+                    continue
+                try:
+                    apply(entry)
+                except BaseException:
+                    # What was applied (or rejected) is not applied (or rejected) again.
+                    self._keep_for_next_replay(lines[index:])
+                    raise
                 replayed += 1
             if os.path.exists(self.replaying_path):
                 os.unlink(self.replaying_path)
             return replayed
+
+    def _keep_for_next_replay(self, lines: list[bytes]) -> None:
+        """Leave only these lines in the replay file, replaced at once (never half written)."""
+        partial = f"{self.replaying_path}.partial"
+        with open(partial, "wb") as handle:
+            handle.writelines(lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, self.replaying_path)
 
     @contextmanager
     def _replay_lock(self) -> Iterator[bool]:
@@ -118,18 +143,19 @@ def _count_lines(path: str) -> int:
         return 0
 
 
-def _read_entries(path: str) -> Iterator[Entry]:
+def _read_lines(path: str) -> list[bytes]:
     try:
         with open(path, "rb") as handle:
-            lines = handle.readlines()
+            return handle.readlines()
     except FileNotFoundError:
-        return
-    for line in lines:
-        # A line cut short by a crash mid-write was never acknowledged: its task is found again
-        # by the reconciler's listing, as any submission left in flight.
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict):
-            yield entry
+        return []
+
+
+def _entry_of(line: bytes) -> Entry | None:
+    # A line cut short by a crash mid-write was never acknowledged: its task is found again by
+    # the reconciler's listing, as any submission left in flight.
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None

@@ -25,10 +25,11 @@ from app.channels import AllChannelsFailed, submit_with_failover
 from app.config import Channel
 from app.gateway import Gateway
 from app.observability import metrics
-from app.store import Caller, utcnow
+from app.store import Caller
 from app.store.group_commit import is_transient
 from app.store.submissions import (
     AcceptedTask,
+    hash_prompt,
     mark_not_created,
     move_to_channel,
     record_accepted,
@@ -58,6 +59,8 @@ class SubmitRequest:
     parameters: Mapping[str, Any] | None = None
     # The one channel that may take it (the holder of its uploaded files), or any.
     only_channel: str | None = None
+    # The body's `input.prompt`: what tells two accounts' lost submits apart (app/reconcile.py).
+    prompt: object = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,9 @@ def submit_paid(gateway: Gateway, request: SubmitRequest) -> Submitted:
     if answer.status != 200:
         submission.created_nothing()
     elif answer.task_id is None:
-        raise UpstreamBrokenAnswer(channel.name, "submit answer carries no task id")
+        # No id, or none DashScope makes: recorded, it could never be asked about (nor billed
+        # as DashScope reports). The row stays in flight, for the reconciler's listing.
+        raise UpstreamBrokenAnswer(channel.name, "submit answer carries no usable task id")
     else:
         submission.accepted(channel, answer.task_id, answer)
     remaining = submission.reserved.remaining if submission.reserved else None
@@ -132,7 +137,7 @@ class _Submission:
 
     def before_send(self, channel: Channel) -> None:
         """Write the submission and its reservation (or its new channel) before sending."""
-        engine, now = self.gateway.engine, utcnow()
+        engine, now = self.gateway.engine, self.gateway.clock()
         try:
             if self.id is None:
                 self.id, self.reserved = _once_more_if_disconnected(
@@ -144,6 +149,7 @@ class _Submission:
                         channel=channel.name,
                         service_path=self.request.service_path,
                         body_sha256=hashlib.sha256(self.request.body).hexdigest(),
+                        prompt_sha256=hash_prompt(self.request.prompt),
                         now=now,
                         reservation=self.reservation,
                     )
@@ -163,7 +169,7 @@ class _Submission:
         if self.id is None:
             return
         try:
-            mark_not_created(self.gateway.engine, self.id, utcnow(), by="answer")
+            mark_not_created(self.gateway.engine, self.id, self.gateway.clock(), by="answer")
         except SQLAlchemyError as exc:
             # Harmless: the reconciler finds nothing in the channel's listing and says so.
             log.warning("submission outcome not recorded: %s", type(exc).__name__)
@@ -177,7 +183,7 @@ class _Submission:
             task_id=task_id,
             status=answer.task_status or "PENDING",
             upstream_body=answer.body.decode(),
-            accepted_at=utcnow(),
+            accepted_at=self.gateway.clock(),
         )
         try:
             self._record(accepted)

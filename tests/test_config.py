@@ -99,3 +99,33 @@ def test_mistakes_name_the_file_the_key_and_what_was_expected(
 def test_a_missing_file_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match=r"/nonexistent.toml: cannot be read"):
         create_app({"GATEWAY_CONFIG": "/nonexistent.toml"})
+
+
+def test_tasks_defaults_without_a_config_file(tmp_path: Path) -> None:
+    settings = load_settings({})
+
+    assert settings.record_retry_seconds == 30
+    assert settings.reconcile_interval == 30
+    assert settings.reconcile_queries_per_second == 5
+    assert settings.adoption_window_seconds == 300
+    assert settings.retention_hours == 24
+    assert settings.journal_path is None
+    # No journal_path: the journal is a file of the instance folder.
+    instance = tmp_path / "instance"
+    app = create_app(
+        {
+            "GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+            "GATEWAY_INSTANCE_PATH": str(instance),
+        }
+    )
+    assert app.extensions["gateway"].journal.path == str(instance / "journal.jsonl")
+
+
+def test_journal_path_moves_the_journal(write_config: Callable[[str], str], tmp_path: Path) -> None:
+    journal = tmp_path / "elsewhere" / "paid.jsonl"
+    path = write_config(f'[tasks]\njournal_path = "{journal}"\n')
+    database = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+
+    app = create_app({"GATEWAY_CONFIG": path, "GATEWAY_DATABASE_URL": database})
+
+    assert app.extensions["gateway"].journal.path == str(journal)

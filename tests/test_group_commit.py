@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, Engine, event, select, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.store import open_engine
 from app.store.engine import group_commit_of, write, writing
+from app.store.group_commit import WriteInterrupted, is_transient
 from app.store.tables import accounts
 
 THREADS = 12
@@ -137,6 +139,54 @@ def test_a_write_alone_commits_at_once(engine: Engine) -> None:
     assert write(engine, add_account("alone")) >= 1
     assert len(commits) == 1
     assert account_names(engine) == {"alone"}
+
+
+def test_a_batch_whose_leader_is_interrupted_hands_the_others_a_retryable_database_error(
+    engine: Engine,
+) -> None:
+    # What a signal does to the thread committing a batch (KeyboardInterrupt, SystemExit): it
+    # stops there, and whoever queued in that batch learns of it as of a refused write, which
+    # the record of an accepted task retries and then journals, never a 500.
+    def interrupted(conn: Connection) -> None:
+        add_account("interrupted")(conn)
+        raise KeyboardInterrupt
+
+    outcomes: dict[str, object] = {}
+
+    def call(name: str, work: Callable[[Connection], object]) -> None:
+        try:
+            outcomes[name] = write(engine, work)
+        except BaseException as exc:  # the interrupt itself, in whichever thread led
+            outcomes[name] = exc
+
+    group = group_commit_of(engine)
+    assert group is not None
+    threads = {
+        "first": threading.Thread(target=call, args=("first", add_account("first"))),
+        "interrupted": threading.Thread(target=call, args=("interrupted", interrupted)),
+        "queued": threading.Thread(target=call, args=("queued", add_account("queued"))),
+    }
+    with writing(engine):
+        threads["first"].start()
+        wait_until(lambda: group.leading)  # a batch of its own, waiting for this block's lock
+        threads["interrupted"].start()
+        threads["queued"].start()
+        wait_until(lambda: group.waiting == 2)  # the next batch: both, whoever leads it
+    for thread in threads.values():
+        thread.join(timeout=30)
+
+    assert isinstance(outcomes["first"], int)
+    # The leader of the second batch is interrupted; the other caller gets a database error.
+    kinds = {type(outcomes["interrupted"]), type(outcomes["queued"])}
+    assert kinds == {KeyboardInterrupt, WriteInterrupted}, outcomes
+    [error] = [e for e in outcomes.values() if isinstance(e, WriteInterrupted)]
+    assert isinstance(error, SQLAlchemyError)
+    assert is_transient(error)
+    assert account_names(engine) == {"first"}  # the interrupted batch is rolled back whole
+    # Nothing is left holding the lock: the next write (a retry) commits.
+    assert not group.leading
+    assert write(engine, add_account("queued")) >= 1
+    assert account_names(engine) == {"first", "queued"}
 
 
 # Another process's write, started while this one holds the writer lock: it reports when it

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import shutil
+import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 import responses
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import func, select
 
 from app import create_app
+from app.store.engine import POSTGRESQL_LOCK_TIMEOUT_MS, SQLITE_BUSY_TIMEOUT_MS
+from app.store.tables import submissions
 from tests.conftest import (
     BASE_CONFIG,
     INTL_UPSTREAM_KEY,
@@ -21,6 +27,7 @@ from tests.conftest import (
     SUBMIT_PATH,
     bearer,
 )
+from tests.test_paid_work import postgresql_of_its_own
 
 TASK_ID = "0385dc79-5ff8-4d82-bcb6-caa4a9f7a3d9"
 UPSTREAM_SERVICE = "/api/v1/services/aigc/video-generation/video-synthesis"
@@ -91,6 +98,118 @@ def test_readyz_is_503_with_a_reason_when_the_database_is_unreachable(
         "reason": "database cannot be written: OperationalError",
     }
     assert response.headers["Content-Type"] == "application/json"
+
+
+# A probe waits at most this long for a lock another connection holds (the same on both
+# backends), and answers within it and a margin.
+LOCK_WAIT_SECONDS = POSTGRESQL_LOCK_TIMEOUT_MS / 1000
+assert LOCK_WAIT_SECONDS == SQLITE_BUSY_TIMEOUT_MS / 1000
+MARGIN_SECONDS = 5
+
+
+def timed_readiness(client: FlaskClient) -> tuple[Any, float]:
+    """Return /readyz's answer and how long it took."""
+    started = time.monotonic()
+    response = client.get("/readyz")
+    return response, time.monotonic() - started
+
+
+def count_submissions(app: Flask) -> int:
+    """Read the database through the app's own pool."""
+    with app.extensions["gateway"].engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(submissions)).scalar_one())
+
+
+def app_over(database_url: str, write_config: Callable[[str], str], tmp_path: Path) -> Flask:
+    """Return an app over a given database."""
+    app = create_app(
+        {
+            "GATEWAY_CONFIG": write_config(BASE_CONFIG),
+            "GATEWAY_DATABASE_URL": database_url,
+            "GATEWAY_INSTANCE_PATH": str(tmp_path / "instance"),
+            "PRIMARY_UPSTREAM_KEY": PRIMARY_UPSTREAM_KEY,
+            "INTL_UPSTREAM_KEY": INTL_UPSTREAM_KEY,
+        }
+    )
+    app.config["TESTING"] = True
+    return app
+
+
+def test_readyz_is_503_within_the_busy_timeout_while_another_connection_locks_out_writers(
+    breakable_app: Flask, tmp_path: Path
+) -> None:
+    client = breakable_app.test_client()
+    assert client.get("/readyz").status_code == 200
+    holder = sqlite3.connect(tmp_path / "db" / "gateway.sqlite3", isolation_level=None)
+    try:
+        # In the gateway's journal mode (WAL) an exclusive lock keeps writers out, not readers.
+        assert holder.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        holder.execute("BEGIN EXCLUSIVE")
+        response, waited = timed_readiness(client)
+        assert count_submissions(breakable_app) == 0  # the database reads
+    finally:
+        if holder.in_transaction:
+            holder.execute("ROLLBACK")
+        holder.close()
+
+    assert (response.status_code, response.get_json()) == (
+        503,
+        {"status": "unavailable", "reason": "database cannot be written: OperationalError"},
+    )
+    assert waited < LOCK_WAIT_SECONDS + MARGIN_SECONDS
+    assert client.get("/readyz").status_code == 200
+
+
+def test_readyz_is_503_at_once_while_postgresql_is_read_only_and_200_once_it_is_not(
+    write_config: Callable[[str], str], tmp_path: Path
+) -> None:
+    with postgresql_of_its_own() as database:
+        app = app_over(database.url, write_config, tmp_path)
+        client = app.test_client()
+        try:
+            assert client.get("/readyz").status_code == 200
+            # A failover to a standby: sessions dropped, and new ones read-only.
+            database.refuse_writes()
+            response, waited = timed_readiness(client)
+            assert count_submissions(app) == 0  # the database reads
+            # The read-only sessions opened meanwhile stay open, and say nothing of the server
+            # now: the first probe after must not answer from one of them.
+            database.allow_writes(drop_sessions=False)
+            again = client.get("/readyz")
+        finally:
+            app.extensions["gateway"].engine.dispose()
+
+    assert (response.status_code, response.get_json()) == (
+        503,
+        {"status": "unavailable", "reason": "database cannot be written: InternalError"},
+    )
+    assert waited < MARGIN_SECONDS  # refused at once: nothing to wait for
+    assert again.status_code == 200, again.get_json()
+
+
+def test_readyz_is_503_within_the_lock_timeout_while_postgresql_locks_out_writers(
+    write_config: Callable[[str], str], tmp_path: Path
+) -> None:
+    with postgresql_of_its_own() as database:
+        app = app_over(database.url, write_config, tmp_path)
+        client = app.test_client()
+        try:
+            assert client.get("/readyz").status_code == 200
+            # Another session's lock on the table every submit writes ahead to: EXCLUSIVE lets
+            # readers in, and no writer.
+            with database.locked("submissions", "EXCLUSIVE"):
+                response, waited = timed_readiness(client)
+                assert count_submissions(app) == 0  # the database reads
+            after = client.get("/readyz")
+        finally:
+            app.extensions["gateway"].engine.dispose()
+
+    assert (response.status_code, response.get_json()) == (
+        503,
+        {"status": "unavailable", "reason": "database cannot be written: OperationalError"},
+    )
+    assert LOCK_WAIT_SECONDS - 1 < waited < LOCK_WAIT_SECONDS + MARGIN_SECONDS
+    assert after.status_code == 200
 
 
 def test_readyz_is_503_with_a_reason_when_no_channel_is_configured(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -49,7 +50,7 @@ from app.store.schema import (
     alembic_config,
     read_revision,
 )
-from app.store.tables import metadata, task_counts, tasks
+from app.store.tables import metadata, submissions, task_counts, tasks
 from app.store.time import utcnow
 from tests.fixtures import schema_8773b53 as old
 from tests.fixtures.old_database import (
@@ -385,5 +386,69 @@ def test_0006_counts_the_tasks_already_there_and_its_downgrade_keeps_them(
         assert _differences(engine, metadata) == []
         total, _ = list_owned_tasks(engine, caller.account_id, submitted_after=datetime.min)
         assert total == 6
+    finally:
+        engine.dispose()
+
+
+def test_0007_keeps_the_submissions_in_flight_and_its_downgrade_keeps_them(
+    database_url: str,
+) -> None:
+    with _engine(database_url) as engine:
+        _alembic(engine, "upgrade", "0006")
+    engine = open_engine(database_url, upgrade=False)
+    try:
+        caller = find_caller(engine, hash_secret(create_key(engine, "acme")))
+        assert caller is not None
+        row = {
+            "account_id": caller.account_id,
+            "key_id": caller.key_id,
+            "model": "wan2.5-t2v-preview",
+            "channel": "primary",
+            "service_path": "services/aigc/video-generation/video-synthesis",
+            "body_sha256": "0" * 64,
+            "state": "in_flight",
+            "sent_at": utcnow(),
+        }
+        with engine.begin() as conn:
+            conn.execute(submissions.insert().values(**row))
+
+        _alembic(engine, "upgrade", "0007")
+        with engine.connect() as conn:
+            kept = conn.execute(select(submissions.c.state, submissions.c.prompt_sha256)).all()
+        assert [tuple(found) for found in kept] == [("in_flight", None)]  # told apart as before
+
+        _alembic(engine, "downgrade", "0006")
+        columns = {column["name"] for column in inspect(engine).get_columns("submissions")}
+        assert "prompt_sha256" not in columns
+        with engine.connect() as conn:
+            assert conn.execute(select(submissions.c.state)).scalars().all() == ["in_flight"]
+    finally:
+        engine.dispose()
+
+
+def test_0008_takes_the_byte_order_mark_off_answers_stored_with_one(database_url: str) -> None:
+    with _engine(database_url) as engine:
+        _alembic(engine, "upgrade", "0007")
+    engine = open_engine(database_url, upgrade=False)
+    try:
+        caller = find_caller(engine, hash_secret(create_key(engine, "acme")))
+        assert caller is not None
+        answer = '{"output": {"task_id": "t", "task_status": "RUNNING"}}'
+        for task_id in ("with-bom", "without"):
+            _record(engine, task_id, caller)
+        with engine.begin() as conn:
+            for task_id, body in (("with-bom", "\ufeff" + answer), ("without", answer)):
+                conn.execute(
+                    tasks.update().where(tasks.c.task_id == task_id).values(upstream_body=body)
+                )
+
+        _alembic(engine, "upgrade", "0008")
+
+        with engine.connect() as conn:
+            bodies = dict(conn.execute(select(tasks.c.task_id, tasks.c.upstream_body)).all())
+        assert bodies == {"with-bom": answer, "without": answer}
+        assert json.loads(bodies["with-bom"])["output"]["task_status"] == "RUNNING"
+        _alembic(engine, "downgrade", "0007")
+        assert _revision(engine) == "0007"
     finally:
         engine.dispose()

@@ -10,15 +10,20 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Connection, Engine, Select, create_engine, event
+from sqlalchemy import Connection, Engine, ExceptionContext, Select, create_engine, event
 
-from app.store.group_commit import GroupCommit
+from app.store.group_commit import GroupCommit, refuses_writes
 from app.store.schema import upgrade_schema
 
 T = TypeVar("T")
 
 # How long a connection waits for a lock other connections hold.
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+# The same wait on PostgreSQL (`lock_timeout`): a statement that waited this long for a lock
+# (another session's LOCK TABLE, a long transaction, a migration) fails with LockNotAvailable, an
+# OperationalError, instead of waiting for ever, so that a submit that cannot be written ahead
+# gets its 503 before anything is sent, and an accepted task's record retries, then journals.
+POSTGRESQL_LOCK_TIMEOUT_MS = SQLITE_BUSY_TIMEOUT_MS
 
 
 def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
@@ -47,6 +52,22 @@ def _switch_to_wal(cursor: Any) -> None:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
         time.sleep(0.01)
+
+
+def _bound_lock_waits(_dialect: Any, _record: Any, _args: Any, params: dict[str, Any]) -> None:
+    # In the startup packet, so it costs no statement; before the URL's own `options`, so that
+    # a `-c lock_timeout=...` there (or a `-c search_path=...`) still has its say.
+    options = params.get("options")
+    bound = f"-c lock_timeout={POSTGRESQL_LOCK_TIMEOUT_MS}"
+    params["options"] = f"{bound} {options}" if options else bound
+
+
+def _read_only_is_a_lost_connection(context: ExceptionContext) -> None:
+    # A session that found the server read-only (a standby after a failover, or
+    # `default_transaction_read_only`) stays so until it reconnects: its pool's connections
+    # are dropped, as for a lost one, so that a retry opens a new session.
+    if refuses_writes(context.original_exception):
+        context.is_disconnect = True
 
 
 # SQLite lets one writer in at a time and makes the others sleep and retry (up to 100 ms a
@@ -187,10 +208,20 @@ def open_engine(
     if is_sqlite:
         event.listen(engine, "connect", _tune_sqlite)
         _group_commits[engine] = GroupCommit(engine)
+    postgresql = engine.dialect.name == "postgresql"
+    if postgresql:
+        event.listen(engine, "handle_error", _read_only_is_a_lost_connection)
     if upgrade:
         try:
             upgrade_schema(engine)
         except BaseException:
             engine.dispose()
             raise
+    if postgresql:
+        # Bounded after the migration only: a worker starting while another one migrates waits
+        # for it on the schema lock however long that takes. The migration's connection goes,
+        # so that every connection serving requests waits at most the lock timeout.
+        if upgrade:
+            engine.dispose()
+        event.listen(engine, "do_connect", _bound_lock_waits)
     return engine

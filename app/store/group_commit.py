@@ -17,9 +17,14 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 T = TypeVar("T")
+
+# PostgreSQL's SQLSTATE for a write in a read-only transaction: a server that became a standby
+# (a failover), or `default_transaction_read_only`. It passes once the session reconnects to a
+# server that takes writes.
+READ_ONLY_SQL_TRANSACTION = "25006"
 
 
 class WriterLock:
@@ -53,11 +58,14 @@ class WriterLock:
 
     def release(self) -> None:
         """Let the next writer in."""
-        if self._flocked:
-            self._flocked = False
-            assert self._descriptor is not None
-            fcntl.flock(self._descriptor, fcntl.LOCK_UN)
-        self._threads.release()
+        try:
+            if self._flocked:
+                self._flocked = False
+                assert self._descriptor is not None
+                fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+        finally:
+            # Whatever the unlock did, this process's other writers must not wait for ever.
+            self._threads.release()
 
     def __enter__(self) -> None:
         self.acquire()
@@ -109,6 +117,14 @@ class _Write(Generic[T]):
         return self.result  # type: ignore[return-value]
 
 
+class WriteInterrupted(SQLAlchemyError):
+    """The batch this write was queued in stopped half-way: its leader's thread was interrupted.
+
+    Whether the write was committed is unknown (the interruption may come after the commit);
+    each caller's own retry decides what next, as after a lost connection (`is_transient`).
+    """
+
+
 class _BatchFailed(Exception):
     """One write of a batch raised: the batch is rolled back, and each write runs alone."""
 
@@ -151,10 +167,12 @@ class GroupCommit:
             with self.lock:
                 self._commit(batch)
         except BaseException as exc:
-            # A worker stopping mid-commit: whoever waits on this batch must not wait on.
+            # A worker stopping mid-commit: whoever waits on this batch must not wait on. A
+            # database error to them (an accepted task's record retries, then journals; a write
+            # ahead answers 503), since their own threads are not the ones being stopped.
             for one in batch:
                 if not one.done:
-                    one.finish(error=RuntimeError("the write was interrupted"))
+                    one.finish(error=WriteInterrupted("the write was interrupted"))
             raise exc
         finally:
             with self._changed:
@@ -202,7 +220,18 @@ class GroupCommit:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Return whether a database error may pass by itself: busy, locked, disconnected."""
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+    """Return whether a database error may pass by itself.
+
+    Busy, locked (SQLite's busy timeout, PostgreSQL's lock timeout: OperationalError),
+    disconnected, read-only (a failover), or a write whose batch was interrupted.
+    """
+    if isinstance(exc, WriteInterrupted):
+        return True
+    if isinstance(exc, DBAPIError) and (exc.connection_invalidated or refuses_writes(exc.orig)):
         return True
     return isinstance(exc, OperationalError | InterfaceError)
+
+
+def refuses_writes(error: BaseException | None) -> bool:
+    """Return whether a driver's error is PostgreSQL's refusal to write in a read-only session."""
+    return getattr(error, "sqlstate", None) == READ_ONLY_SQL_TRANSACTION

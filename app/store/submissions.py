@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -50,6 +51,16 @@ class Submission:
     service_path: str
     body_sha256: str
     sent_at: datetime
+    # SHA-256 of the body's `input.prompt`; None when unknown (no prompt, an older row).
+    prompt_sha256: str | None = None
+
+
+def hash_prompt(prompt: object) -> str | None:
+    """Return the hash a submission keeps of its prompt, or None for no prompt."""
+    # What DashScope echoes of a task's input (`orig_prompt`, once it SUCCEEDED): a string.
+    if not isinstance(prompt, str) or not prompt:
+        return None
+    return hashlib.sha256(prompt.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,7 @@ def write_ahead(
     body_sha256: str,
     now: datetime,
     reservation: Reservation | None = None,
+    prompt_sha256: str | None = None,
 ) -> tuple[int, Reserved | None]:
     """Record a submit about to be sent, with its estimate reserved; return its id.
 
@@ -92,6 +104,7 @@ def write_ahead(
         "channel": channel,
         "service_path": service_path,
         "body_sha256": body_sha256,
+        "prompt_sha256": prompt_sha256,
         "state": IN_FLIGHT,
         "sent_at": now,
         "estimate": estimate.amount if estimate else None,
@@ -344,20 +357,44 @@ _IN_FLIGHT_LITERALLY = submissions.c.state == bindparam(
 )
 
 
+# In the order of Submission's fields.
+_SUBMISSION_COLUMNS = (
+    submissions.c.id,
+    submissions.c.account_id,
+    submissions.c.key_id,
+    submissions.c.model,
+    submissions.c.channel,
+    submissions.c.service_path,
+    submissions.c.body_sha256,
+    submissions.c.sent_at,
+    submissions.c.prompt_sha256,
+)
+
+
 def in_flight(engine: Engine, sent_before: datetime) -> list[Submission]:
     """Return the submissions still in flight that were sent before a time, oldest first."""
     query = (
-        select(
-            submissions.c.id,
-            submissions.c.account_id,
-            submissions.c.key_id,
-            submissions.c.model,
-            submissions.c.channel,
-            submissions.c.service_path,
-            submissions.c.body_sha256,
-            submissions.c.sent_at,
-        )
+        select(*_SUBMISSION_COLUMNS)
         .where(_IN_FLIGHT_LITERALLY, submissions.c.sent_at < sent_before)
+        .order_by(submissions.c.sent_at, submissions.c.id)
+    )
+    with engine.connect() as conn:
+        return [Submission(*row) for row in conn.execute(query)]
+
+
+def ambiguous_between(
+    engine: Engine, channel: str, model: str, sent_after: datetime, sent_before: datetime
+) -> list[Submission]:
+    """Return a channel's submissions of a model left to an operator, sent in a time range."""
+    query = (
+        select(*_SUBMISSION_COLUMNS)
+        .where(
+            submissions.c.state == AMBIGUOUS,
+            submissions.c.channel == channel,
+            submissions.c.model == model,
+            submissions.c.sent_at >= sent_after,
+            submissions.c.sent_at < sent_before,
+        )
         .order_by(submissions.c.sent_at, submissions.c.id)
     )
     with engine.connect() as conn:

@@ -256,6 +256,10 @@ submissions = Table(
     Column("billing_state", String(16), nullable=True),
     # The calendar month (UTC, YYYY-MM) the reservation, and so its charge, counts in.
     Column("billing_period", String(7), nullable=True),
+    # SHA-256 of `input.prompt`, which a SUCCEEDED task query echoes (`orig_prompt`): how the
+    # reconciler tells two accounts' submissions apart. NULL: no prompt, or written before it.
+    # Last, where ALTER TABLE ADD COLUMN (migration 0007) puts it.
+    Column("prompt_sha256", String(64), nullable=True),
 )
 
 # The reconciler reads every submission in flight, oldest first: few rows of a large table.
