@@ -16,11 +16,14 @@ from app.config import load_settings
 from app.gateway import Gateway
 from app.journal import Journal
 from app.store import open_engine
+from app.store.time import clock_from
 from app.turns import Turns
 from app.upstream import DashScopeClient
 
 # Enough for every active key of a large deployment; a TTL of 0 turns the cache off.
 KEY_CACHE_SIZE = 50_000
+# Running tasks whose last refresh failed, per worker: an outage's worth of them.
+STALE_TASK_CACHE_SIZE = 10_000
 
 
 def create_app(overrides: Mapping[str, Any] | None = None, *, upgrade_schema: bool = True) -> Flask:
@@ -92,8 +95,14 @@ def register_gateway(
         pool=ChannelPool(settings.channels),
         callers=SharedCache(TTLCache(KEY_CACHE_SIZE, settings.key_cache_seconds)),
         final_tasks=SharedCache(LRUCache(settings.final_task_cache_size)),
+        stale_tasks=SharedCache(
+            TTLCache(
+                STALE_TASK_CACHE_SIZE if settings.refresh_interval else 0, settings.refresh_interval
+            )
+        ),
         turns=Turns(settings.requests_at_once),
         journal=Journal(settings.journal_path or os.path.join(app.instance_path, "journal.jsonl")),
+        clock=clock_from(environ),
     )
 
 

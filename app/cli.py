@@ -19,7 +19,7 @@ from app.billing import ledger
 from app.billing.prices import exact, stored, to_cent
 from app.config import ConfigError, Settings, load_settings
 from app.gateway import current_gateway
-from app.store import create_key, list_keys, revoke_key, utcnow
+from app.store import create_key, list_keys, revoke_key
 from app.store.schema import SchemaError, read_revision, upgrade_schema
 
 keys_cli = AppGroup("keys", help="Create, revoke and list gateway API keys.")
@@ -31,7 +31,10 @@ def _upgraded_engine() -> Engine:
     # The console script's app does not migrate as it is made (so that `db current` changes
     # nothing); the keys commands work on the schema the server does.
     engine = current_gateway().engine
-    upgrade_schema(engine)
+    try:
+        upgrade_schema(engine)
+    except SchemaError as exc:
+        raise click.ClickException(str(exc)) from exc
     return engine
 
 
@@ -106,6 +109,14 @@ def parse_amount(text: str, *, signed: bool) -> Decimal:
         raise click.BadParameter(f"{text!r} is not a number", param_hint="AMOUNT") from None
     if not signed and amount < 0:
         raise click.BadParameter("a limit cannot be negative", param_hint="AMOUNT")
+    try:
+        # Before rounding: 1e30 has more digits than a Decimal rounds to six places.
+        ledger.check_amount(amount)
+    except ledger.AmountOutOfRange:
+        raise click.BadParameter(
+            f"{text!r} is more than the ledger holds: at most {ledger.LARGEST_AMOUNT}, either way",
+            param_hint="AMOUNT",
+        ) from None
     return stored(amount)
 
 
@@ -129,7 +140,7 @@ def limit_command(account: str, amount: str, per: str) -> None:
         None if amount.lower() == "none" else ledger.Limit(parse_amount(amount, signed=False), per)
     )
     try:
-        ledger.set_limit(current_gateway().engine, account, limit, utcnow())
+        ledger.set_limit(_upgraded_engine(), account, limit, current_gateway().clock())
     except LookupError as exc:
         raise click.ClickException(str(exc.args[0])) from None
     if limit is None:
@@ -144,7 +155,7 @@ def limit_command(account: str, amount: str, per: str) -> None:
 def show_command(account: str) -> None:
     """Show ACCOUNT's limit, what it spent and holds reserved, what remains, tasks in flight."""
     try:
-        view = ledger.show_account(current_gateway().engine, account, utcnow())
+        view = ledger.show_account(_upgraded_engine(), account, current_gateway().clock())
     except LookupError as exc:
         raise click.ClickException(str(exc.args[0])) from None
     currency = _currency()
@@ -171,8 +182,8 @@ def adjust_command(account: str, amount: str, reason: str) -> None:
     """Credit (positive AMOUNT) or debit (negative AMOUNT) ACCOUNT with a ledger row."""
     value = parse_amount(amount, signed=True)
     try:
-        ledger.adjust(current_gateway().engine, account, value, reason, utcnow())
-    except LookupError as exc:
+        ledger.adjust(_upgraded_engine(), account, value, reason, current_gateway().clock())
+    except (LookupError, ledger.AmountOutOfRange) as exc:
         raise click.ClickException(str(exc.args[0])) from None
     what = "credited" if value >= 0 else "debited"
     click.echo(f"Account {account!r} {what} {to_cent(abs(value))} {_currency()}.")
@@ -223,7 +234,7 @@ def usage_command(
             )
     end = _day(until, "--until")
     rows = ledger.usage(
-        current_gateway().engine,
+        _upgraded_engine(),
         account=account,
         model=model,
         since=_day(since, "--since"),
@@ -236,14 +247,20 @@ def usage_command(
         [*row.group, row.kind, str(row.tasks), str(row.seconds), str(row.amount), currency]
         for row in rows
     ]
-    if output == "csv":
+    if output == "json":
+        # Amounts and seconds stay exact decimal strings; a count is a number.
+        objects: list[dict[str, str | int]] = [
+            dict(zip(header, record, strict=True)) for record in records
+        ]
+        for item, row in zip(objects, rows, strict=True):
+            item["tasks"] = row.tasks
+        click.echo(json.dumps(objects))
+    elif output == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(records)
         click.echo(buffer.getvalue(), nl=False)
-    elif output == "json":
-        click.echo(json.dumps([dict(zip(header, record, strict=True)) for record in records]))
     else:
         shown = [[*r[:-3], r[-3], to_cent(Decimal(r[-2])), r[-1]] for r in records]
         widths = [max(len(x) for x in column) for column in zip(header, *shown, strict=True)]

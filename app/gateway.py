@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from flask import current_app
 from sqlalchemy import Engine
@@ -12,6 +14,7 @@ from app.channels import ChannelPool
 from app.config import Settings
 from app.journal import Journal
 from app.store import Caller, Task
+from app.store.time import utcnow
 from app.turns import Turns
 from app.upstream import DashScopeClient
 
@@ -28,10 +31,16 @@ class Gateway:
     callers: SharedCache[str, Caller]
     # Final tasks never change again, so they can be served without the database.
     final_tasks: SharedCache[str, Task]
+    # Why this worker's last refresh of a task failed, until the next one is due: the polls
+    # answered from the store meanwhile say so too (X-Gateway-Stale).
+    stale_tasks: SharedCache[str, str]
     # Which of the worker's requests work now: DashScope's routes take turns (app/turns.py).
     turns: Turns
     # Accepted tasks the database refused, until the reconciler replays them.
     journal: Journal
+    # The time (naive UTC) a submit's reservation, a settlement and the reconciler read:
+    # utcnow, or a test's RunningClock (GATEWAY_CLOCK_START), to roll a month over.
+    clock: Callable[[], datetime] = utcnow
 
 
 def current_gateway() -> Gateway:

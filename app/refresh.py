@@ -8,12 +8,15 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from app.billing.ledger import Settlement
 from app.billing.settlement import settle
 from app.config import Channel
 from app.gateway import Gateway
 from app.observability import metrics
-from app.store import Task, record_answer, utcnow
+from app.store import Task, record_answer
+from app.store.tables import FINAL_STATUSES
 from app.upstream import UpstreamAnswer, UpstreamError, UpstreamThrottled
 
 log = logging.getLogger(__name__)
@@ -52,15 +55,28 @@ def refresh_task(
             extra={"channel": channel.name},
         )
         return STALE_ERROR
+    usage = answer.data.get("usage")
+    # A task whose reservation was released while DashScope said UNKNOWN holds none, so the
+    # catch-up (which settles the reservations held) would never charge it: its final status
+    # is settled before it is stored, and a settlement that fails leaves the task UNKNOWN in
+    # the store, for the next refresh to settle.
+    settle_first = task.status == "UNKNOWN" and answer.task_status in FINAL_STATUSES
+    settled = None
+    if settle_first:
+        try:
+            settled = settle(gateway, task.task_id, answer.task_status, usage, strict=True)
+        except SQLAlchemyError:
+            return STALE_ERROR
     if answer_changed(task, answer):
         record_answer(
-            gateway.engine, task.task_id, answer.task_status, answer.body.decode(), utcnow()
+            gateway.engine, task.task_id, answer.task_status, answer.body.decode(), gateway.clock()
         )
     if answer.task_status != task.status:
         count_transition(task.status, answer.task_status)
-    # Recorded first: the charge is made from what the store holds (and the catch-up would
-    # find it there if this settlement failed).
-    settled = settle(gateway, task.task_id, answer.task_status, answer.data.get("usage"))
+    if not settle_first:
+        # Recorded first: the charge is made from what the store holds (and the catch-up
+        # would find it there if this settlement failed).
+        settled = settle(gateway, task.task_id, answer.task_status, usage)
     if settled is not None and on_settled is not None:
         on_settled(settled)
     return answer

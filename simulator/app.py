@@ -53,6 +53,9 @@ DURATION_MARKER = re.compile(rf"\[duration={SECONDS}\]")
 # How long this one task stays PENDING (instead of --pending-seconds), so that a client has
 # time to cancel it however slow the machine is.
 PENDING_MARKER = re.compile(rf"\[pending={SECONDS}\]")
+# How long this one task runs (instead of --running-seconds), its queries answering UNKNOWN
+# meanwhile, as DashScope does for a task it cannot find for a while.
+UNKNOWN_MARKER = re.compile(rf"\[unknown={SECONDS}\]")
 SIZE = re.compile(r"\s*(\d+)\s*\*\s*(\d+)\s*")
 
 # The task list's filters, as DashScope's console takes them: Beijing time, at most a day.
@@ -95,6 +98,7 @@ class Task:
     fail: bool = False
     canceled_at: float | None = None
     pending: float | None = None  # seconds PENDING, when a [pending=S] marker set them
+    unknown: float | None = None  # seconds running and queried as UNKNOWN ([unknown=S])
     path: str = ""  # the service path it was submitted on
 
 
@@ -261,12 +265,16 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
         """Return when a task finished or was canceled, None while it is unfinished."""
         if task.canceled_at is not None:
             return task.canceled_at
-        finished = task.created + pending_of(task) + running
+        finished = task.created + pending_of(task) + running_of(task)
         return finished if finished <= now else None
 
     def pending_of(task: Task) -> float:
         """Return how long the task stays PENDING: its marker's seconds, else the default."""
         return pending if task.pending is None else task.pending
+
+    def running_of(task: Task) -> float:
+        """Return how long the task runs: its [unknown=S] marker's seconds, else the default."""
+        return running if task.unknown is None else task.unknown
 
     def status_of(task: Task, now: float) -> str:
         """Derive a task's status from how long ago it was submitted."""
@@ -275,7 +283,7 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
         elapsed = now - task.created
         if elapsed < pending_of(task):
             return "PENDING"
-        if elapsed < pending_of(task) + running:
+        if elapsed < pending_of(task) + running_of(task):
             return "RUNNING"
         return "FAILED" if task.fail else "SUCCEEDED"
 
@@ -453,6 +461,7 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
             request_id=new_id(),
             fail="[fail]" in prompt,
             pending=float(marker.group(1)) if (marker := PENDING_MARKER.search(prompt)) else None,
+            unknown=float(marker.group(1)) if (marker := UNKNOWN_MARKER.search(prompt)) else None,
             path=request.path,
         )
         with state.lock:
@@ -553,16 +562,17 @@ def create_simulator(config: dict[str, Any] | None = None) -> Flask:
         if not isinstance(key, str):
             return key
         task = visible_task(task_id, key)
-        if task is None:
-            # DashScope hides foreign and expired tasks behind UNKNOWN with HTTP 200.
+        now = time.time()
+        status = status_of(task, now) if task is not None else "UNKNOWN"
+        if task is None or (status == "RUNNING" and task.unknown is not None):
+            # DashScope hides foreign and expired tasks behind UNKNOWN with HTTP 200 (and an
+            # [unknown=S] task while it runs).
             return jsonify(
                 request_id=new_id(), output={"task_id": task_id, "task_status": "UNKNOWN"}
             )
 
-        now = time.time()
-        status = status_of(task, now)
         scheduled = task.created + pending_of(task)
-        finished = scheduled + running
+        finished = scheduled + running_of(task)
         output: dict[str, Any] = {
             "task_id": task.task_id,
             "task_status": status,

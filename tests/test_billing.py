@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 import responses
 from flask import Flask
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from app.billing import ledger
 from app.billing.ledger import Limit, LimitExceeded, Reservation
@@ -20,7 +21,8 @@ from app.store import find_caller, hash_secret, record_answer, utcnow
 from app.store.submissions import write_ahead
 from app.store.tables import account_balances, submissions
 from app.store.tables import ledger as ledger_table
-from tests.conftest import PRIMARY, SUBMIT_PATH, bearer, new_key
+from app.store.time import RunningClock, clock_from, parse_instant
+from tests.conftest import INTL, PRIMARY, SUBMIT_PATH, bearer, new_key
 
 UPSTREAM_SUBMIT = f"{PRIMARY}/api/v1/services/aigc/video-generation/video-synthesis"
 MODEL = "wan2.5-t2v-preview"  # 480P 0.3, 720P 0.6 per second in BASE_CONFIG
@@ -328,7 +330,7 @@ def test_the_cli_sets_limits_adjusts_shows_and_reports_usage(
     assert "remaining: 15.80 CNY" in shown
     assert usage.splitlines() == [
         "account,model,kind,tasks,seconds,amount,currency",
-        "acme,,adjustment,0,0,-1.500000,CNY",
+        "acme,,adjustment,0,0,1.500000,CNY",  # a debit adds to what was spent, as a charge
         f"acme,{MODEL},charge,1,4.500,2.700000,CNY",
     ]
     assert [row["kind"] for row in as_json] == ["adjustment", "charge"]
@@ -337,3 +339,314 @@ def test_the_cli_sets_limits_adjusts_shows_and_reports_usage(
     unlimited = cli.invoke(args=["accounts", "limit", "acme", "none"])
     assert "no spending limit" in unlimited.output
     assert cli.invoke(args=["accounts", "show", "nobody"]).exit_code != 0
+
+
+# --------------------------------------------------------------------------- the clock
+
+JANUARY_END = "2027-01-31T23:50:00Z"
+
+
+@pytest.fixture
+def clocked(make_app: Callable[..., Flask]) -> Iterator[Flask]:
+    """Return the app on the base config with its clock started late in January 2027."""
+    app = make_app(GATEWAY_CLOCK_START=JANUARY_END)
+    yield app
+    app.extensions["gateway"].engine.dispose()
+
+
+def clock_of(app: Flask) -> RunningClock:
+    """Return the app's test clock."""
+    clock = app.extensions["gateway"].clock
+    assert isinstance(clock, RunningClock)
+    return clock
+
+
+def task_url(task_id: str, base: str = PRIMARY) -> str:
+    """Return DashScope's URL of a task."""
+    return f"{base}/api/v1/tasks/{task_id}"
+
+
+def poll(app: Flask, key: str, task_id: str) -> Any:
+    """Query a task through the gateway."""
+    return app.test_client().get(f"/alibailian/api/v1/tasks/{task_id}", headers=bearer(key))
+
+
+def test_the_clock_is_utcnow_unless_a_test_starts_one() -> None:
+    assert clock_from({}) is utcnow
+    assert clock_from({"GATEWAY_CLOCK_START": ""}) is utcnow
+    started = clock_from({"GATEWAY_CLOCK_START": "2027-01-31T23:50:00Z"})
+    first = started()
+    assert datetime(2027, 1, 31, 23, 50) <= first < datetime(2027, 1, 31, 23, 51)
+    assert started() >= first  # it runs on
+    assert parse_instant("2027-02-01T08:00:00+08:00") == datetime(2027, 2, 1, 0, 0)
+    assert parse_instant("2027-02-01 00:00:05") == datetime(2027, 2, 1, 0, 0, 5)
+    with pytest.raises(ValueError, match="GATEWAY_CLOCK_START: 'last tuesday' is not an ISO"):
+        clock_from({"GATEWAY_CLOCK_START": "last tuesday"})
+
+
+def test_a_month_rolls_over_on_the_gateway_clock_and_a_january_task_counts_in_january(
+    clocked: Flask, upstream: responses.RequestsMock
+) -> None:
+    app, gateway = clocked, clocked.extensions["gateway"]
+    key = new_key(app, "monthly")
+    ledger.set_limit(gateway.engine, "monthly", Limit(Decimal(3), "month"), gateway.clock())
+    client = app.test_client()
+    for task_id in ("t-jan-1", "t-jan-2", "t-feb"):
+        upstream.post(UPSTREAM_SUBMIT, json=accepted(task_id))
+
+    january = [
+        client.post(SUBMIT_PATH, json=body(duration=5), headers=bearer(key)) for _ in range(3)
+    ]
+    assert [answer.status_code for answer in january] == [200, 200, 400]
+    assert january[2].json is not None
+    assert january[2].json["code"] == "Arrearage"
+    assert [answer.headers.get("X-Gateway-Remaining") for answer in january] == [
+        "1.50",
+        "0.00",
+        None,
+    ]
+    clock_of(app).set(datetime(2027, 2, 1, 0, 10))
+    february = client.post(SUBMIT_PATH, json=body(duration=5), headers=bearer(key))
+    assert february.status_code == 200
+    assert february.headers["X-Gateway-Remaining"] == "1.50"  # the limit starts afresh
+
+    # Reserved in January, finished (and settled) in February: it counts in January.
+    upstream.get(task_url("t-jan-1"), json=final("t-jan-1", "SUCCEEDED", {"duration": 4}))
+    assert poll(app, key, "t-jan-1").json["output"]["task_status"] == "SUCCEEDED"
+
+    [charge] = [row for row in ledger_rows(app) if row.kind == "charge"]
+    assert (charge.amount, charge.period) == (Decimal("1.2"), "2027-01")
+    assert charge.at >= datetime(2027, 2, 1, 0, 10)
+    held = {
+        period: value
+        for (account, period), value in ledger.balances(gateway.engine).items()
+        if account == charge.account_id
+    }
+    assert held == {
+        "2027-01": (Decimal("1.2"), Decimal("1.5")),
+        "2027-02": (Decimal(0), Decimal("1.5")),
+        "total": (Decimal("1.2"), Decimal(3)),
+    }
+    shown = app.test_cli_runner().invoke(args=["accounts", "show", "monthly"]).output
+    assert "period:    2027-02" in shown
+    assert "remaining: 1.50 CNY" in shown
+    with gateway.engine.connect() as conn:
+        sent = conn.execute(select(submissions.c.sent_at, submissions.c.billing_period)).all()
+    assert sorted(period for _, period in sent) == ["2027-01", "2027-01", "2027-02"]
+    assert_balances_are_the_ledger(app)
+
+
+def test_the_reconciler_reads_the_gateway_clock(clocked: Flask) -> None:
+    gateway = clocked.extensions["gateway"]
+    assert Reconciler(gateway).clock is gateway.clock
+    assert Reconciler(gateway, clock=utcnow).clock is utcnow
+
+
+# --------------------------------------------------------------------------- UNKNOWN
+
+
+def submit_one(app: Flask, key: str, upstream: Any, task_id: str, *answers: Any) -> None:
+    """Submit a task DashScope accepts as `task_id`, which it then answers as `answers`."""
+    upstream.post(UPSTREAM_SUBMIT, json=accepted(task_id))
+    for answer in answers:
+        upstream.get(task_url(task_id), json=answer)
+    response = app.test_client().post(SUBMIT_PATH, json=body(duration=5), headers=bearer(key))
+    assert response.status_code == 200
+
+
+def billing_state(app: Flask, task_id: str) -> str:
+    """Return a task's submission's billing state."""
+    with app.extensions["gateway"].engine.connect() as conn:
+        state = conn.execute(
+            select(submissions.c.billing_state).where(submissions.c.task_id == task_id)
+        ).scalar_one()
+    return str(state)
+
+
+USAGE_4S = {"duration": 4, "SR": 480, "video_count": 1}  # 4 s x 0.3 = 1.20
+
+
+@pytest.mark.parametrize(
+    "between",
+    [pytest.param([], id="then-succeeded"), pytest.param(["RUNNING"], id="running-again")],
+)
+def test_a_task_released_while_unknown_is_charged_once_when_it_succeeds(
+    app: Flask, api_key: str, upstream: responses.RequestsMock, between: list[str]
+) -> None:
+    answers = [
+        final("t-unk", "UNKNOWN"),
+        *(final("t-unk", status) for status in between),
+        final("t-unk", "SUCCEEDED", USAGE_4S),
+    ]
+    submit_one(app, api_key, upstream, "t-unk", *answers)
+    engine = app.extensions["gateway"].engine
+
+    assert poll(app, api_key, "t-unk").json["output"]["task_status"] == "UNKNOWN"
+    # UNKNOWN is not final: the reservation goes, the task is polled on.
+    assert kinds(app) == [("reserve", Decimal("1.5")), ("release", Decimal("1.5"))]
+    view = ledger.show_account(engine, "acme", utcnow())
+    assert (view.spent, view.reserved, view.in_flight) == (Decimal(0), Decimal(0), 0)
+    assert billing_state(app, "t-unk") == "unknown"
+    for _ in between:
+        poll(app, api_key, "t-unk")
+    assert poll(app, api_key, "t-unk").json["output"]["task_status"] == "SUCCEEDED"
+    assert poll(app, api_key, "t-unk").json["output"]["task_status"] == "SUCCEEDED"  # stored
+
+    pricing = app.extensions["gateway"].settings.pricing
+    for status in ("SUCCEEDED", "UNKNOWN", "FAILED"):  # whoever comes later settles nothing
+        assert ledger.settle_task(engine, "t-unk", status, USAGE_4S, pricing, utcnow()) is None
+    assert kinds(app) == [
+        ("reserve", Decimal("1.5")),
+        ("release", Decimal("1.5")),
+        ("charge", Decimal("1.2")),
+    ]
+    assert billing_state(app, "t-unk") == "settled"
+    view = ledger.show_account(engine, "acme", utcnow())
+    assert (view.spent, view.reserved, view.in_flight) == (Decimal("1.2"), Decimal(0), 0)
+    assert_balances_are_the_ledger(app)
+
+
+def test_a_task_released_while_unknown_that_fails_is_charged_nothing(
+    app: Flask, api_key: str, upstream: responses.RequestsMock
+) -> None:
+    submit_one(app, api_key, upstream, "t-unk", final("t-unk", "UNKNOWN"), final("t-unk", "FAILED"))
+
+    poll(app, api_key, "t-unk")
+    assert poll(app, api_key, "t-unk").json["output"]["task_status"] == "FAILED"
+
+    assert kinds(app) == [("reserve", Decimal("1.5")), ("release", Decimal("1.5"))]
+    assert billing_state(app, "t-unk") == "settled"
+    assert_balances_are_the_ledger(app)
+
+
+def test_a_failed_settlement_after_unknown_leaves_the_task_unknown_for_the_next_poll(
+    app: Flask, api_key: str, upstream: responses.RequestsMock
+) -> None:
+    succeeded = final("t-unk", "SUCCEEDED", USAGE_4S)
+    submit_one(app, api_key, upstream, "t-unk", final("t-unk", "UNKNOWN"), succeeded, succeeded)
+    engine = app.extensions["gateway"].engine
+    poll(app, api_key, "t-unk")
+
+    # A real database fault: the ledger is not there while DashScope says SUCCEEDED.
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE ledger RENAME TO ledger_away"))
+    try:
+        during = poll(app, api_key, "t-unk")
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE ledger_away RENAME TO ledger"))
+
+    # Not stored as SUCCEEDED: the catch-up settles reservations held, and this one is not.
+    assert during.json["output"]["task_status"] == "UNKNOWN"
+    assert during.headers["X-Gateway-Stale"] == "upstream_error"
+    assert billing_state(app, "t-unk") == "unknown"
+    assert poll(app, api_key, "t-unk").json["output"]["task_status"] == "SUCCEEDED"
+    assert [kind for kind, _ in kinds(app)] == ["reserve", "release", "charge"]
+    assert_balances_are_the_ledger(app)
+
+
+# --------------------------------------------------------------------------- usage and headers
+
+
+def test_usage_amounts_sum_to_what_was_spent_debits_positive_credits_negative(
+    app: Flask, api_key: str, upstream: responses.RequestsMock
+) -> None:
+    submit_and_finish(app, api_key, upstream, final("t-a", "SUCCEEDED", {"duration": 4.5}))
+    cli = app.test_cli_runner()
+    for amount in ("-1.5", "-0.25", "2"):
+        done = cli.invoke(args=["accounts", "adjust", "acme", amount, "--reason", "r"])
+        assert done.exit_code == 0, done.output
+
+    csv_text = cli.invoke(args=["usage", "--by", "account", "--format", "csv"]).output
+    as_json = json.loads(cli.invoke(args=["usage", "--format", "json"]).output)
+    shown = cli.invoke(args=["accounts", "show", "acme"]).output
+
+    assert csv_text.splitlines()[1:] == [
+        "acme,adjustment,0,0,-0.250000,CNY",  # debits 1.75, credit 2: 0.25 less spent
+        "acme,charge,1,4.500,1.350000,CNY",
+    ]
+    assert "spent:     1.10 CNY" in shown  # 1.35 - 0.25
+    lines = csv_text.splitlines()[1:]
+    assert sum(Decimal(line.split(",")[-2]) for line in lines) == Decimal("1.1")
+    assert sum(Decimal(row["amount"]) for row in as_json) == Decimal("1.1")
+    assert [row["tasks"] for row in as_json] == [0, 1]  # numbers, not strings
+
+
+def test_a_submit_dashscope_refuses_carries_no_money_headers(
+    app: Flask, api_key: str, upstream: responses.RequestsMock
+) -> None:
+    engine = app.extensions["gateway"].engine
+    ledger.set_limit(engine, "acme", Limit(Decimal(10), "month"), utcnow())
+    upstream.post(UPSTREAM_SUBMIT, status=400, json={"code": "DataInspectionFailed"})
+    upstream.post(UPSTREAM_SUBMIT, json=accepted("t-1"))
+    client = app.test_client()
+
+    refused = client.post(SUBMIT_PATH, json=body(duration=5), headers=bearer(api_key))
+    taken = client.post(SUBMIT_PATH, json=body(duration=5), headers=bearer(api_key))
+
+    assert refused.status_code == 400
+    assert "X-Gateway-Estimate" not in refused.headers
+    assert "X-Gateway-Remaining" not in refused.headers
+    assert (taken.headers["X-Gateway-Estimate"], taken.headers["X-Gateway-Remaining"]) == (
+        "1.50",
+        "8.50",  # the refused submit's reservation was released
+    )
+
+
+def test_usage_filters_by_day_bounds_and_model_and_groups_by_key(
+    clocked: Flask, upstream: responses.RequestsMock
+) -> None:
+    app = clocked
+    engine = app.extensions["gateway"].engine
+    first, second = new_key(app, "acme"), new_key(app, "acme")
+    intl_submit = f"{INTL}/api/v1/services/aigc/video-generation/video-synthesis"
+    cases = [
+        # (settled at, key, model, base, usage, amount)
+        (datetime(2027, 3, 9, 23, 59, 59, 500000), first, MODEL, PRIMARY, 5, 480),
+        (datetime(2027, 3, 10, 0, 0, 0), first, MODEL, PRIMARY, 4, 720),
+        (datetime(2027, 3, 12, 23, 59, 59), second, "wan2.2-t2v-plus", INTL, 2, 1080),
+        (datetime(2027, 3, 13, 0, 0, 0), first, MODEL, PRIMARY, 3, 480),
+    ]
+    for number, (moment, key, model, base, seconds, sr) in enumerate(cases):
+        task_id = f"t-{number}"
+        upstream.post(intl_submit if base == INTL else UPSTREAM_SUBMIT, json=accepted(task_id))
+        usage = {"duration": seconds, "SR": sr}
+        upstream.get(task_url(task_id, base), json=final(task_id, "SUCCEEDED", usage))
+        clock_of(app).set(moment)
+        parameters: dict[str, Any] = {"duration": seconds}
+        if model != MODEL:
+            parameters["resolution"] = "1080P"
+        sent = {"model": model, "input": {"prompt": "p"}, "parameters": parameters}
+        answer = app.test_client().post(SUBMIT_PATH, json=sent, headers=bearer(key))
+        assert answer.status_code == 200
+        clock_of(app).set(moment)
+        assert poll(app, key, task_id).json["output"]["task_status"] == "SUCCEEDED"
+    cli = app.test_cli_runner()
+
+    def report(*args: str) -> list[str]:
+        done = cli.invoke(args=["usage", "--format", "csv", *args])
+        assert done.exit_code == 0, done.output
+        return done.output.splitlines()[1:]
+
+    # 1.50 on the 9th, 2.40 on the 10th, 2.00 on the 12th, 0.90 on the 13th.
+    assert report("--since", "2027-03-10", "--until", "2027-03-12", "--by", "day") == [
+        "2027-03-10,charge,1,4.000,2.400000,CNY",
+        "2027-03-12,charge,1,2.000,2.000000,CNY",  # --until includes its whole day
+    ]
+    assert report("--since", "2027-03-10") == ["charge,3,9.000,5.300000,CNY"]
+    assert report("--until", "2027-03-12") == ["charge,3,11.000,5.900000,CNY"]
+    assert report("--until", "2027-03-09") == ["charge,1,5.000,1.500000,CNY"]
+    assert report("--since", "2027-03-14") == []
+    assert report("--model", "wan2.2-t2v-plus", "--by", "model") == [
+        "wan2.2-t2v-plus,charge,1,2.000,2.000000,CNY"
+    ]
+    callers = {key: find_caller(engine, hash_secret(key)) for key in (first, second)}
+    ids = {caller.key_id: key for key, caller in callers.items() if caller is not None}
+    by_key = json.loads(cli.invoke(args=["usage", "--by", "key", "--format", "json"]).output)
+    assert {(ids[int(row["key"])], row["tasks"], row["amount"]) for row in by_key} == {
+        (first, 3, "4.800000"),
+        (second, 1, "2.000000"),
+    }
+    bad = cli.invoke(args=["usage", "--since", "10/03/2027"])
+    assert bad.exit_code == 2
+    assert "expected YYYY-MM-DD" in bad.output

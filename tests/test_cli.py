@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import Result
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import inspect, text
@@ -148,6 +149,79 @@ def test_db_upgrade_refuses_tables_newer_than_the_baseline_without_a_revision(
     assert result.exit_code == 1
     assert "leases" in result.output
     assert "alembic stamp" in result.output
+
+
+# --------------------------------------------------------------------------- accounts, usage
+
+
+def clean_exit(result: Result) -> int:
+    """Return a command's exit status, failing on any exception but the exit itself."""
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output
+    return result.exit_code
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["accounts", "limit", "acme", "1e20"],
+        ["accounts", "limit", "acme", "1e30"],  # more digits than a Decimal rounds
+        ["accounts", "limit", "acme", "1000000000000", "--per", "total"],
+        ["accounts", "limit", "acme", "999999999999.9999996"],  # would round up past it
+        ["accounts", "adjust", "acme", "1e20", "--reason", "r"],
+        ["accounts", "adjust", "acme", "-1e20", "--reason", "r"],
+    ],
+)
+def test_an_amount_past_what_the_ledger_holds_is_a_usage_error(
+    app: Flask, api_key: str, args: list[str]
+) -> None:
+    result = app.test_cli_runner().invoke(args=args)
+
+    assert clean_exit(result) == 2
+    assert "is more than the ledger holds: at most 999999999999.999999" in result.output
+    shown = app.test_cli_runner().invoke(args=["accounts", "show", "acme"]).output
+    assert "limit:     none" in shown
+    assert "spent:     0.00 CNY" in shown
+
+
+def test_the_largest_amount_works_and_a_balance_past_it_is_refused_whole(
+    app: Flask, api_key: str
+) -> None:
+    runner = app.test_cli_runner()
+
+    limit = runner.invoke(args=["accounts", "limit", "acme", "999999999999.999999"])
+    first = runner.invoke(args=["accounts", "adjust", "acme", "-999999999999", "--reason", "a"])
+    second = runner.invoke(args=["accounts", "adjust", "acme", "-999999999999", "--reason", "b"])
+
+    assert (clean_exit(limit), clean_exit(first), clean_exit(second)) == (0, 0, 1)
+    assert "would pass 999999999999.999999" in second.output
+    assert "nothing was written" in second.output
+    shown = runner.invoke(args=["accounts", "show", "acme"]).output
+    assert "spent:     999999999999.00 CNY" in shown
+    usage = runner.invoke(args=["usage", "--format", "csv"]).output
+    assert usage.splitlines()[1:] == ["adjustment,0,0,999999999999.000000,CNY"]
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "said"),
+    [
+        (["accounts", "show", "acme"], 1, "no account named 'acme'"),
+        (["accounts", "limit", "acme", "5"], 1, "no account named 'acme'"),
+        (["accounts", "adjust", "acme", "5", "--reason", "r"], 1, "no account named 'acme'"),
+        (["usage"], 0, "kind  tasks  seconds  amount  currency"),
+        (["usage", "--format", "json"], 0, "[]"),
+    ],
+)
+def test_accounts_and_usage_migrate_a_database_first_as_keys_does(
+    console_app: Flask, args: list[str], status: int, said: str
+) -> None:
+    runner = console_app.test_cli_runner()
+
+    result = runner.invoke(args=args)
+
+    assert clean_exit(result) == status
+    assert said in result.output
+    assert runner.invoke(args=["db", "current"]).output == f"{HEAD_REVISION} (head)\n"
 
 
 # --------------------------------------------------------------------------- config check

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -13,7 +14,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.billing import ledger
+from app.billing.ledger import Limit
 from app.observability.metrics import label_from, method_label, task_status_label
+from app.reconcile import Reconciler
 from tests.conftest import BASE_CONFIG, INTL, PRIMARY, SUBMIT_PATH, bearer, new_key
 from tests.test_failover import refused
 
@@ -224,6 +228,38 @@ def test_queries_inside_the_refresh_interval_or_after_a_failed_refresh_come_from
     assert meter.delta(answered, source="store", reason="upstream_failed") == 1
     assert meter.delta(answered, source="upstream", reason="refreshed") == 0
     app.extensions["gateway"].engine.dispose()
+
+
+def test_money_metrics_after_a_refusal_and_a_settlement(
+    app: Flask, client: FlaskClient, api_key: str, upstream: responses.RequestsMock
+) -> None:
+    gateway = app.extensions["gateway"]
+    ledger.set_limit(gateway.engine, "acme", Limit(Decimal(2), "month"), gateway.clock())
+    upstream.post(UPSTREAM_SUBMIT, json=ACCEPTED)
+    running = {"request_id": "q", "output": {"task_id": TASK_ID, "task_status": "RUNNING"}}
+    succeeded = {
+        "request_id": "q",
+        "output": {"task_id": TASK_ID, "task_status": "SUCCEEDED"},
+        "usage": {"duration": 4.5, "SR": 480},  # 4.5 s x 0.3 = 1.35
+    }
+    upstream.get(UPSTREAM_TASK, json=running)  # the first pass's refresh
+    upstream.get(UPSTREAM_TASK, json=succeeded)
+    reconciler = Reconciler(gateway, sleep=lambda _s: None)
+    meter = Meter(client)
+
+    assert submit(client, api_key) == 200  # 5 s at 480P: 1.50 of the 2.00 reserved
+    assert submit(client, api_key) == 400  # Arrearage: 0.50 remains
+    reconciler.run_pass()
+    held = scrape(client)[("bailian_gateway_reservations_outstanding", frozenset())]
+    polled = client.get(TASK_PATH, headers=bearer(api_key)).get_json()
+    assert polled["output"]["task_status"] == "SUCCEEDED"
+    reconciler.run_pass()
+    meter.read()
+
+    assert held == 1.5
+    assert meter.after[("bailian_gateway_reservations_outstanding", frozenset())] == 0
+    assert meter.delta("bailian_gateway_limit_refusals_total", model=T2V) == 1
+    assert meter.delta("bailian_gateway_charged_total", model=T2V) == pytest.approx(1.35)
 
 
 def test_channel_cooldowns_are_counted_by_channel_and_reason(

@@ -29,12 +29,13 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.sql import ColumnElement
 
 from app.billing.prices import Charge, Estimate, ModelPricing, charge_from_usage, to_cent
 from app.store.engine import writing
 from app.store.tables import (
+    Exact,
     Money,
     account_balances,
     account_limits,
@@ -51,10 +52,14 @@ RESERVE, CHARGE, RELEASE, ADJUSTMENT = "reserve", "charge", "release", "adjustme
 KINDS = (RESERVE, CHARGE, RELEASE, ADJUSTMENT)
 # A submission's billing state: each move away from RESERVED happens once.
 RESERVED, SETTLED, RELEASED = "reserved", "settled", "released"
+# Released while DashScope said UNKNOWN, which is not final: the task is polled on, and the
+# final status it reaches later settles it once more (a SUCCEEDED is charged, nothing released).
+RELEASED_UNKNOWN = "unknown"
 TOTAL = "total"
 PER_MONTH, PER_TOTAL = "month", "total"
 # The statuses after which a task's reservation is settled: SUCCEEDED charges, others release.
 SETTLING_STATUSES = frozenset({"SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN"})
+UNKNOWN = "UNKNOWN"
 ZERO = Decimal(0)
 
 
@@ -365,12 +370,12 @@ def release_submission(conn: Connection, submission_id: int, now: datetime) -> D
     return Decimal(row.estimate)
 
 
-def _claim(conn: Connection, submission_id: int, state: str) -> bool:
-    """Move a submission's billing away from `reserved`; only one caller ever succeeds."""
+def _claim(conn: Connection, submission_id: int, state: str, was: str = RESERVED) -> bool:
+    """Move a submission's billing from `was` to `state`; only one caller ever succeeds."""
     return (
         conn.execute(
             update(submissions)
-            .where(submissions.c.id == submission_id, submissions.c.billing_state == RESERVED)
+            .where(submissions.c.id == submission_id, submissions.c.billing_state == was)
             .values(billing_state=state)
         ).rowcount
         == 1
@@ -388,24 +393,41 @@ def settle_task(
     pricing: Mapping[str, ModelPricing],
     now: datetime,
 ) -> Settlement | None:
-    """Settle a finished task once: charge SUCCEEDED by its usage, release the reservation."""
+    """Settle a finished task once: charge SUCCEEDED by its usage, release the reservation.
+
+    UNKNOWN releases the reservation but settles nothing for good: the final status the task
+    reaches later moves it on once more, and a SUCCEEDED then is charged (in the reservation's
+    month, as any charge), with nothing left to release.
+    """
     if status not in SETTLING_STATUSES:
         return None
+    # An UNKNOWN moves a reservation held; a final status, one held or one UNKNOWN released.
+    states = (RESERVED,) if status == UNKNOWN else (RESERVED, RELEASED_UNKNOWN)
+    moved_to = RELEASED_UNKNOWN if status == UNKNOWN else SETTLED
     with writing(engine) as conn:
-        row = conn.execute(
-            select(
-                submissions.c.id,
-                submissions.c.account_id,
-                submissions.c.key_id,
-                submissions.c.model,
-                submissions.c.estimate,
-                submissions.c.estimate_tier,
-                submissions.c.estimate_seconds,
-                submissions.c.billing_period,
-            ).where(submissions.c.task_id == task_id, submissions.c.billing_state == RESERVED)
-        ).first()
-        if row is None or not _claim(conn, row.id, SETTLED):
+        # Twice at most: a concurrent UNKNOWN may move the reservation this read found held
+        # (reserved -> unknown) before the claim; the final status must then claim that.
+        for _attempt in range(2):
+            row = conn.execute(
+                select(
+                    submissions.c.id,
+                    submissions.c.account_id,
+                    submissions.c.key_id,
+                    submissions.c.model,
+                    submissions.c.estimate,
+                    submissions.c.estimate_tier,
+                    submissions.c.estimate_seconds,
+                    submissions.c.billing_period,
+                    submissions.c.billing_state,
+                ).where(submissions.c.task_id == task_id, submissions.c.billing_state.in_(states))
+            ).first()
+            if row is None:
+                return None
+            if _claim(conn, row.id, moved_to, was=row.billing_state):
+                break
+        else:
             return None
+        held = row.billing_state == RESERVED
         charge = None
         if status == "SUCCEEDED":
             reserved = Estimate(row.estimate_tier, row.estimate_seconds, row.estimate)
@@ -429,10 +451,13 @@ def settle_task(
                 tier=charge.tier,
             )
         # The whole reservation goes: the charge, not the estimate, is what the task cost.
-        _write(conn, **common, kind=RELEASE, amount=row.estimate)
+        released = row.estimate if held else ZERO
+        if held:
+            _write(conn, **common, kind=RELEASE, amount=released)
         charged = charge.amount if charge is not None else ZERO
-        _move_both(conn, row.account_id, row.billing_period, spent=charged, reserved=-row.estimate)
-    return Settlement(task_id, row.account_id, row.model, charged, row.estimate, charge)
+        if charged or released:
+            _move_both(conn, row.account_id, row.billing_period, spent=charged, reserved=-released)
+    return Settlement(task_id, row.account_id, row.model, charged, released, charge)
 
 
 def unsettled_final_tasks(engine: Engine, limit: int) -> list[tuple[str, str, Any]]:
@@ -481,6 +506,30 @@ def outstanding(engine: Engine) -> Decimal:
 # --------------------------------------------------------------------------- operators
 
 
+def _largest(money: Exact) -> Decimal:
+    return Decimal(10) ** (money.precision - money.scale) - money.unit
+
+
+# The largest amount a money column holds: NUMERIC(18, 6), 999999999999.999999.
+LARGEST_AMOUNT = _largest(Money())
+_BALANCE_TOO_LARGE = (
+    f"the account's balance would pass {LARGEST_AMOUNT}, the most the ledger holds; "
+    "nothing was written"
+)
+
+
+class AmountOutOfRange(ValueError):
+    """An amount (or a balance it would make) larger than the ledger's columns hold."""
+
+
+def check_amount(amount: Decimal) -> None:
+    """Raise AmountOutOfRange for an amount a money column cannot hold."""
+    if not amount.is_finite() or abs(amount) > LARGEST_AMOUNT:
+        raise AmountOutOfRange(
+            f"{amount} is more than the ledger holds (at most {LARGEST_AMOUNT} either way)"
+        )
+
+
 def account_id_of(conn: Connection, name: str) -> int:
     """Return the id of the account with this name, or raise LookupError."""
     found = conn.execute(select(accounts.c.id).where(accounts.c.name == name)).scalar()
@@ -490,7 +539,9 @@ def account_id_of(conn: Connection, name: str) -> int:
 
 
 def set_limit(engine: Engine, name: str, limit: Limit | None, now: datetime) -> None:
-    """Set or remove an account's spending limit."""
+    """Set or remove an account's spending limit (AmountOutOfRange past what a column holds)."""
+    if limit is not None:
+        check_amount(limit.amount)
     with writing(engine) as conn:
         account_id = account_id_of(conn, name)
         conn.execute(account_limits.delete().where(account_limits.c.account_id == account_id))
@@ -503,20 +554,33 @@ def set_limit(engine: Engine, name: str, limit: Limit | None, now: datetime) -> 
 
 
 def adjust(engine: Engine, name: str, amount: Decimal, reason: str, now: datetime) -> None:
-    """Write an adjustment: a positive amount credits the account, a negative one debits it."""
+    """Write an adjustment: a positive amount credits the account, a negative one debits it.
+
+    Raises AmountOutOfRange, writing nothing, if a balance would pass what a column holds.
+    """
+    check_amount(amount)
     month = period_of(now)
-    with writing(engine) as conn:
-        account_id = account_id_of(conn, name)
-        _write(
-            conn,
-            at=now,
-            account_id=account_id,
-            kind=ADJUSTMENT,
-            amount=amount,
-            period=month,
-            reason=reason,
-        )
-        _move_both(conn, account_id, month, spent=-amount)
+    try:
+        with writing(engine) as conn:
+            account_id = account_id_of(conn, name)
+            _write(
+                conn,
+                at=now,
+                account_id=account_id,
+                kind=ADJUSTMENT,
+                amount=amount,
+                period=month,
+                reason=reason,
+            )
+            _move_both(conn, account_id, month, spent=-amount)
+            # PostgreSQL refuses a NUMERIC past its precision; SQLite's integers hold more:
+            # both balances checked here, before anything is committed.
+            for period in (month, TOTAL):
+                spent, _reserved = _balance(conn, account_id, period)
+                if abs(spent) > LARGEST_AMOUNT:
+                    raise AmountOutOfRange(_BALANCE_TOO_LARGE)
+    except DataError:
+        raise AmountOutOfRange(_BALANCE_TOO_LARGE) from None
 
 
 @dataclass(frozen=True)
@@ -608,7 +672,12 @@ def usage(
     until: datetime | None = None,
     by: tuple[str, ...] = (),
 ) -> list[UsageRow]:
-    """Return charged amounts, seconds and task counts (and adjustments) from the ledger."""
+    """Return charged amounts, seconds and task counts (and adjustments) from the ledger.
+
+    Each row's amount is what it adds to what was spent, so that the amounts of a report sum
+    to it: a charge and a debit (a negative adjustment) positive, a credit negative. The days
+    are those of the rows (a charge's is when it was settled), `until` excluded.
+    """
     day = func.substr(func.cast(ledger.c.at, _text_type()), 1, 10)
     columns = {
         "account": accounts.c.name,
@@ -646,12 +715,18 @@ def usage(
         UsageRow(
             group=tuple(str(value) for value in row[:n]),
             kind=row[n],
-            amount=Decimal(row[n + 1] or 0),
+            amount=_spent_by(row[n], Decimal(row[n + 1] or 0)),
             seconds=Decimal(row[n + 2] or 0),
             tasks=int(row[n + 3]),
         )
         for row in rows
     ]
+
+
+def _spent_by(kind: str, amount: Decimal) -> Decimal:
+    """Return what a sum of ledger rows of a kind adds to `spent`."""
+    # An adjustment's row says what it credits (spent = charges - adjustments): the opposite.
+    return ZERO - amount if kind == ADJUSTMENT else amount
 
 
 def _text_type() -> String:
@@ -662,9 +737,11 @@ __all__ = [
     "ADJUSTMENT",
     "CHARGE",
     "KINDS",
+    "LARGEST_AMOUNT",
     "RELEASE",
     "RESERVE",
     "AccountView",
+    "AmountOutOfRange",
     "Limit",
     "LimitExceeded",
     "Reservation",
@@ -673,6 +750,7 @@ __all__ = [
     "UsageRow",
     "adjust",
     "balances",
+    "check_amount",
     "ledger_sums",
     "outstanding",
     "period_of",

@@ -11,22 +11,29 @@ from app.billing.ledger import SETTLING_STATUSES, Settlement, settle_task
 from app.billing.prices import to_cent
 from app.gateway import Gateway
 from app.observability import metrics
-from app.store import utcnow
 
 log = logging.getLogger(__name__)
 
 
-def settle(gateway: Gateway, task_id: str, status: str, usage: Any) -> Settlement | None:
-    """Settle a task that reached a final status; None if it was settled already or failed."""
+def settle(
+    gateway: Gateway, task_id: str, status: str, usage: Any, *, strict: bool = False
+) -> Settlement | None:
+    """Settle a task that reached a final status; None if it was settled already or failed.
+
+    With `strict`, a database failure is raised (after the log line) instead of returned as
+    None: the caller must know to try again.
+    """
     if status not in SETTLING_STATUSES:
         return None
     try:
         done = settle_task(
-            gateway.engine, task_id, status, usage, gateway.settings.pricing, utcnow()
+            gateway.engine, task_id, status, usage, gateway.settings.pricing, gateway.clock()
         )
     except SQLAlchemyError as exc:
         # Harmless: the reservation stays held, and the reconciler's catch-up settles it.
         log.warning("task not settled: %s", type(exc).__name__, extra={"task_id": task_id})
+        if strict:
+            raise
         return None
     if done is None:
         return None

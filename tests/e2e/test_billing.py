@@ -1,8 +1,10 @@
 """Money end to end: gunicorn and the simulator as processes, on SQLite and PostgreSQL.
 
 A limit holds under concurrent submits on many workers; each task is charged once whoever
-polls it; failures are charged nothing; the reconciler settles what nobody polls; and the
-usage report adds up to what DashScope reported, to the cent.
+polls it; failures are charged nothing; the reconciler settles what nobody polls; the usage
+report adds up to what DashScope reported, to the cent; a monthly limit starts afresh when
+the (test) clock rolls into the next month; and a task released while UNKNOWN is charged once
+when it succeeds after all.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from sqlalchemy import create_engine, make_url, text
 
 from tests.e2e.conftest import (
     HTTP_TIMEOUT,
@@ -32,10 +36,19 @@ from tests.e2e.conftest import (
     start_simulator,
     stop,
 )
+from tests.e2e.test_nothing_lost import Ledger, assert_nothing_lost
 
 PRICE_480P = Decimal("0.34")
 PRICE_720P = Decimal("0.6")
 ESTIMATE = PRICE_480P * 5  # a body naming neither resolution nor duration: 1.70
+# Where the gateways of the month test start their clocks (GATEWAY_CLOCK_START).
+JANUARY = "2027-01-31T23:50:00Z"
+FEBRUARY = "2027-02-01T00:10:00Z"
+
+
+def utc_month() -> str:
+    """Return the real month (UTC) a gateway without a test clock charges in."""
+    return datetime.now(UTC).strftime("%Y-%m")
 
 
 @pytest.fixture
@@ -256,3 +269,110 @@ def test_the_reconciler_settles_tasks_nobody_polls_and_usage_adds_up_to_the_cent
     assert shown(gateway, "unpolled-money")["reserved"] == "0.00 CNY"
     again = gateway.cli("reconcile")  # each once
     assert not any(task_id in again for task_id in task_ids), again
+
+
+# --------------------------------------------------------------------------- the clock, UNKNOWN
+
+
+def with_clock(gateway: Gateway, start: str) -> Gateway:
+    """Give the gateway's CLI the clock its server was started with."""
+    gateway.env["GATEWAY_CLOCK_START"] = start
+    return gateway
+
+
+def ledger_charges(gateway: Gateway) -> dict[str, list[str]]:
+    """Return task id -> the periods of its charge rows, as the gateway's database holds them."""
+    engine = create_engine(make_url(gateway.env["GATEWAY_DATABASE_URL"]))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT task_id, period FROM ledger WHERE kind = 'charge'")
+            ).all()
+    finally:
+        engine.dispose()
+    charges: dict[str, list[str]] = {}
+    for task_id, period in rows:
+        charges.setdefault(task_id, []).append(period)
+    return charges
+
+
+def assert_each_charged_once(
+    gateway: Gateway, simulator: Simulator, prompts: Ledger, periods: dict[str, str]
+) -> None:
+    """Prove the invariant, and that each task created was charged once, in its period."""
+    assert assert_nothing_lost(gateway, simulator, prompts) == len(periods)
+    charges = ledger_charges(gateway)
+    assert {task_id: charges.get(task_id) for task_id in periods} == {
+        task_id: [period] for task_id, period in periods.items()
+    }
+
+
+def test_a_monthly_limit_starts_afresh_when_the_clock_rolls_into_february(
+    serve: Callable[..., Gateway], fresh_simulator: Simulator
+) -> None:
+    n, account, prompts = 3, "monthly-e2e", Ledger()
+    january = with_clock(serve(GATEWAY_CLOCK_START=JANUARY), JANUARY)
+    key = january.create_key(account)
+    january.cli("accounts", "limit", account, str(ESTIMATE * n), "--per", "month")
+
+    sent = [post(january, key, prompts.prompt(account)) for _ in range(n + 2)]
+    assert [answer.status_code for answer in sent] == [200] * n + [400] * 2
+    assert {answer.json()["code"] for answer in sent[n:]} == {"Arrearage"}
+    assert shown(january, account)["period"] == "2027-01"
+    assert shown(january, account)["remaining"] == "0.00 CNY"
+    stop(january.process)  # its tasks finish upstream meanwhile, unpolled
+
+    february = with_clock(serve(GATEWAY_CLOCK_START=FEBRUARY), FEBRUARY)
+    again = [post(february, key, prompts.prompt(account)) for _ in range(n + 1)]
+    assert [answer.status_code for answer in again] == [200] * n + [400]
+    assert [answer.headers["X-Gateway-Remaining"] for answer in again[:n]] == [
+        str(ESTIMATE * i) for i in reversed(range(n))
+    ]
+    accepted = [answer.json()["output"]["task_id"] for answer in sent[:n] + again[:n]]
+    for task_id in accepted:  # January's too: reserved in January, settled in February
+        assert wait_final(february, key, task_id)["output"]["task_status"] == "SUCCEEDED"
+
+    account_now = shown(february, account)
+    assert (account_now["period"], account_now["spent"], account_now["reserved"]) == (
+        "2027-02",
+        "5.10 CNY",  # February's three: January's charges count in January
+        "0.00 CNY",
+    )
+    # Written on 1 February, every one of them: that is the day usage shows.
+    [row] = usage_rows(february, "--account", account, "--by", "day")
+    assert (row["day"], row["tasks"], Decimal(row["amount"])) == ("2027-02-01", "6", ESTIMATE * 6)
+    periods = {task_id: "2027-01" for task_id in accepted[:n]}
+    periods |= {task_id: "2027-02" for task_id in accepted[n:]}
+    assert_each_charged_once(february, fresh_simulator, prompts, periods)
+
+
+def test_a_task_released_while_unknown_is_charged_once_when_it_succeeds(
+    serve: Callable[..., Gateway], fresh_simulator: Simulator
+) -> None:
+    gateway, account, prompts = serve(), "unknown-e2e", Ledger()
+    key = gateway.create_key(account)
+    prompt = prompts.prompt(account, "[unknown=3] [duration=4.5]")
+    task_id = post(gateway, key, prompt, resolution="480P").json()["output"]["task_id"]
+
+    deadline = time.monotonic() + 20
+    while query(gateway, key, task_id).json()["output"]["task_status"] != "UNKNOWN":
+        assert time.monotonic() < deadline, "the task never answered UNKNOWN"
+        time.sleep(0.1)
+    released = shown(gateway, account)
+    final = wait_final(gateway, key, task_id)
+
+    assert (released["reserved"], released["spent"], released["in flight"]) == (
+        "0.00 CNY",
+        "0.00 CNY",
+        "0",
+    )
+    assert final["output"]["task_status"] == "SUCCEEDED"
+    [charge] = usage_rows(gateway, "--account", account)
+    assert (charge["kind"], charge["tasks"], Decimal(charge["amount"])) == (
+        "charge",
+        "1",
+        Decimal("1.53"),  # 4.5 s x 0.34
+    )
+    settled = shown(gateway, account)
+    assert (settled["spent"], settled["reserved"]) == ("1.53 CNY", "0.00 CNY")
+    assert_each_charged_once(gateway, fresh_simulator, prompts, {task_id: utc_month()})
