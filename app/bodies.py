@@ -30,17 +30,19 @@ class _Watched:
 
 
 class DeadlineWatch:
-    """Shut the read side of a socket whose body deadline passed, so its reader stops waiting.
+    """Shut the read side of a socket whose deadline passed, so its reader stops waiting.
 
-    A socket timeout bounds each recv, not a whole body: gunicorn reads a body of known length
-    until it has what it asked for, and a client sending a byte a second would never trip it.
-    One thread per process looks at the watched sockets every `interval` seconds (adding one
-    wakes nobody); past its deadline, a socket's read side is shut, and the blocked read
-    returns at once as if the client had stopped. The answer can still be written.
+    A socket timeout bounds each recv, not a whole read: gunicorn reads a body of known length
+    until it has what it asked for (and http.client an answer's head until its blank line), and
+    a peer sending a byte a second would never trip it. One thread per process and watch looks
+    at the watched sockets every `interval` seconds (adding one wakes nobody); past its
+    deadline, a socket's read side is shut, and the blocked read returns at once as if the
+    peer had stopped. An answer can still be written.
     """
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, name: str = "body-deadlines") -> None:
         self._interval = interval
+        self._name = name
         self._lock = threading.Lock()
         self._watched: set[_Watched] = set()
         self._thread_pid = 0
@@ -53,7 +55,7 @@ class DeadlineWatch:
             # Started on first use in each process: a forked worker has no thread of its parent.
             if self._thread_pid != os.getpid():
                 self._thread_pid = os.getpid()
-                threading.Thread(target=self._run, name="body-deadlines", daemon=True).start()
+                threading.Thread(target=self._run, name=self._name, daemon=True).start()
         return watched
 
     def remove(self, watched: _Watched) -> None:
@@ -70,8 +72,11 @@ class DeadlineWatch:
                 for watched in late:
                     self._watched.discard(watched)
                     watched.fired = True
+                    # The plain socket's shutdown, also under TLS: SSLSocket.shutdown would
+                    # drop its TLS state while another thread reads, and the answer written
+                    # after would go out unencrypted.
                     with contextlib.suppress(OSError):  # closed meanwhile
-                        watched.sock.shutdown(socket.SHUT_RD)
+                        socket.socket.shutdown(watched.sock, socket.SHUT_RD)
 
 
 # A quarter of a second late at most: a body deadline is tens of seconds.

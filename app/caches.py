@@ -29,3 +29,8 @@ class SharedCache(Generic[K, V]):
             return
         with self._lock:
             self._cache[key] = value
+
+    def discard(self, key: K) -> None:
+        """Forget a key, if cached."""
+        with self._lock:
+            self._cache.pop(key, None)

@@ -18,7 +18,8 @@ from urllib.parse import urlencode
 import requests
 from requests.adapters import HTTPAdapter
 from requests.utils import get_encoding_from_headers
-from urllib3.connectionpool import ConnectionPool
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import ConnectionPool, HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import (
     ConnectTimeoutError,
     DecodeError,
@@ -29,8 +30,10 @@ from urllib3.exceptions import (
     ReadTimeoutError,
     SSLError,
 )
+from urllib3.response import HTTPResponse
 from urllib3.util.retry import Retry
 
+from app.bodies import DeadlineWatch
 from app.config import DEFAULT_MAX_ANSWER_BYTES, Channel
 from app.observability import metrics
 
@@ -54,6 +57,11 @@ OPERATIONS: dict[str, tuple[str, dict[str, str]]] = {
     "cancel": ("POST", {}),
     "list": ("GET", {}),
 }
+# DashScope's task ids are UUIDs; anything else is not one of ours and never reaches the database
+# (or a URL, a header, a log line): an answer naming one is a broken answer.
+TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# DashScope's task statuses are short upper-case words (PENDING, RUNNING...), in a column of 32.
+TASK_STATUS_PATTERN = re.compile(r"[A-Z][A-Z_]{0,31}")
 # Task paths (under /api/v1/), logged as templates so that one log field and one label group
 # every task.
 TASK_PATH = re.compile(r"tasks/(?P<task_id>[^/]+)(?P<action>/[a-z]+)?")
@@ -66,6 +74,8 @@ MAX_REQUEST_ID_LENGTH = 128
 # Paths that requests' URL preparation returns unchanged: unreserved characters and slashes,
 # no dot (urllib3 resolves dot segments), no percent sign, query or fragment.
 PLAIN_PATH = re.compile(r"[A-Za-z0-9_~/-]*")
+# Late by a tenth of a second at most: a read timeout is seconds. One thread per process.
+ANSWER_DEADLINES = DeadlineWatch(interval=0.1, name="answer-deadlines")
 
 
 class UpstreamError(Exception):
@@ -139,15 +149,17 @@ class UpstreamAnswer:
 
     @property
     def task_id(self) -> str | None:
-        """Return the task id in the answer, if any."""
+        """Return the task id in the answer, if it is one DashScope makes."""
         value = self.output.get("task_id")
-        return value if isinstance(value, str) and value else None
+        return value if isinstance(value, str) and TASK_ID_PATTERN.fullmatch(value) else None
 
     @property
     def task_status(self) -> str | None:
-        """Return the task status in the answer, if any."""
+        """Return the task status in the answer, if it is one DashScope writes."""
         value = self.output.get("task_status")
-        return value if isinstance(value, str) and value else None
+        # Stored in a column of 32 and compared with DashScope's words: anything else would
+        # fail the write (PostgreSQL) or leave a task neither running nor final.
+        return value if isinstance(value, str) and TASK_STATUS_PATTERN.fullmatch(value) else None
 
 
 # The cause a failed call is logged with: the first of these met along its exception's chain
@@ -215,12 +227,14 @@ class ChannelAdapter(HTTPAdapter):
         # fields) on every call: a twentieth of a task query's CPU, for an answer that only
         # the origin and the TLS settings decide.
         if proxies or not request.url:
-            return super().get_connection_with_tls_context(request, verify, proxies, cert)
+            return _with_timed_answers(
+                super().get_connection_with_tls_context(request, verify, proxies, cert)
+            )
         key = (_origin(request.url), verify, cert)
         pool = self._pools.get(key)
         if pool is None:
             pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
-            self._pools[key] = pool
+            self._pools[key] = _with_timed_answers(pool)
         return pool
 
     def request_url(
@@ -263,6 +277,59 @@ class ChannelAdapter(HTTPAdapter):
         super().close()
 
 
+class _TimedHTTPConnection(HTTPConnection):
+    """urllib3's connection, whose answer's head must come within the read timeout."""
+
+    # When the whole answer must have come (time.monotonic()); None: no read timeout.
+    answer_deadline: float | None = None
+
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]  # as urllib3's own
+        """Read the answer's head, as a timeout if it has not come by the deadline."""
+        # urllib3 calls this once the request is sent, its `timeout` set to the read timeout:
+        # each recv's bound, not the head's. A head that trickles in would hold the thread for
+        # as long as it lasts, so the socket is shut at the deadline, which the body keeps to.
+        seconds = self.timeout
+        if not isinstance(seconds, int | float) or self.sock is None:
+            self.answer_deadline = None
+            return super().getresponse()
+        self.answer_deadline = time.monotonic() + seconds
+        watched = ANSWER_DEADLINES.add(self.sock, self.answer_deadline)
+        try:
+            response = super().getresponse()
+        except Exception:
+            if watched.fired:  # the shut socket read as a peer that left: it was the deadline
+                raise _head_timeout() from None
+            raise
+        finally:
+            ANSWER_DEADLINES.remove(watched)
+        if watched.fired:
+            # The head came as the socket was shut (or was cut short by it and read as whole):
+            # late either way, and the socket reads nothing more.
+            response.close()
+            raise _head_timeout()
+        return response
+
+
+class _TimedHTTPSConnection(_TimedHTTPConnection, HTTPSConnection):
+    """urllib3's TLS connection, whose answer's head must come within the read timeout."""
+
+
+def _head_timeout() -> TimeoutError:
+    # The socket's own timeout error: urllib3 makes a ReadTimeoutError of it and drops the
+    # connection, as for a recv that timed out.
+    return TimeoutError("read timeout: the answer's head came too slowly")
+
+
+def _with_timed_answers(pool: ConnectionPool) -> ConnectionPool:
+    """Return the pool, making its connections bound each answer's head by the read timeout."""
+    # Before the pool's first request: it makes its connections when a request needs one.
+    if isinstance(pool, HTTPSConnectionPool):
+        pool.ConnectionCls = _TimedHTTPSConnection
+    elif isinstance(pool, HTTPConnectionPool):
+        pool.ConnectionCls = _TimedHTTPConnection
+    return pool
+
+
 def _origin(url: str) -> str:
     """Return a prepared URL's scheme and authority: `https://host:port`."""
     authority = url.find("//") + 2
@@ -281,6 +348,8 @@ class DashScopeClient:
         *,
         max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
     ) -> None:
+        # The read timeout bounds each answer whole, head and body, from when its request has
+        # been sent: the head by its connection (_TimedHTTPConnection), the body by _read_body.
         self.timeout = (connect_timeout, read_timeout)
         self.query_retries = query_retries
         self.max_answer_bytes = max_answer_bytes
@@ -473,7 +542,7 @@ class DashScopeClient:
         return _decode(channel, response.status_code, body)
 
     def _read_body(self, channel: Channel, response: requests.Response) -> bytes:
-        """Return the answer's decoded body: at most max_answer_bytes, read within the timeout."""
+        """Return the answer's decoded body: at most max_answer_bytes, by the answer's deadline."""
         # Straight from urllib3's response: requests' `content` walks a generator of 10 kB chunks
         # around the same reads (2% of a task query's CPU), wrapping urllib3's errors (caught by
         # the caller) on the way.
@@ -483,16 +552,16 @@ class DashScopeClient:
             response.close()  # unread: the connection cannot serve another call
             raise _too_large(channel, response.status_code, limit)
         # The socket's timeout bounds each read, not the answer: one that trickles in a byte at a
-        # time would hold the thread for as long as it lasts. So each read gets the time left.
-        deadline = time.monotonic() + self.timeout[1]
+        # time would hold the thread for as long as it lasts. So each read gets the time left
+        # until the deadline the head was read by (the read timeout after sending).
+        connection = raw.connection
+        if isinstance(connection, _TimedHTTPConnection) and connection.answer_deadline is not None:
+            deadline = connection.answer_deadline
+        else:  # not read from a socket (a test's fake wire)
+            deadline = time.monotonic() + self.timeout[1]
         chunks: list[bytes] = []
         size = 0
-        while chunk := raw.read1(min(limit + 1 - size, READ_CHUNK_BYTES), decode_content=True):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                response.close()
-                raise _too_large(channel, response.status_code, limit)
+        while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 response.close()
@@ -502,12 +571,19 @@ class DashScopeClient:
                     cause="timeout",
                     status=response.status_code,
                 )
-            # Still held once the body is read whole (urllib3 then returns it to its pool); and
+            # Held until the body is read whole (urllib3 then returns it to its pool); and
             # urllib3 sets the socket's timeout again before the connection's next call.
             connection = raw.connection
             if connection is not None and connection.sock is not None:
                 connection.sock.settimeout(left)
-        return b"".join(chunks)
+            chunk = raw.read1(min(limit + 1 - size, READ_CHUNK_BYTES), decode_content=True)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                response.close()
+                raise _too_large(channel, response.status_code, limit)
 
 
 def _too_large(channel: Channel, status: int, limit: int) -> UpstreamBrokenAnswer:
@@ -528,14 +604,25 @@ def _decode(channel: Channel, status: int, body: bytes) -> UpstreamAnswer:
         data = json.loads(text)
     except (ValueError, RecursionError):  # not UTF-8 (or 16, 32), not JSON, nested too deep
         data = None
+    if status == 429 and not _is_dashscope_error(data):
+        # What it says is clear without the body (too many requests), and a body that is not
+        # DashScope's error would reach the client as if it were.
+        detail = "HTTP 429 answer is not DashScope's JSON error"
+        raise UpstreamThrottled(channel.name, detail, cause="throttled", status=status)
     if not isinstance(data, dict):
         detail = f"HTTP {status} answer is not a JSON object"
-        if status == 429:  # what it says is clear without the body: too many requests
-            raise UpstreamThrottled(channel.name, detail, cause="throttled", status=status)
         raise UpstreamBrokenAnswer(channel.name, detail, cause="not_json", status=status)
     if encoding != "utf-8":
         body = text.encode()
     return UpstreamAnswer(status=status, body=body, data=data)
+
+
+def _is_dashscope_error(data: object) -> bool:
+    """Return whether a decoded answer is DashScope's error envelope, which names its code."""
+    if not isinstance(data, dict):
+        return False
+    code = data.get("code")
+    return isinstance(code, str) and bool(code)
 
 
 @dataclass(frozen=True)

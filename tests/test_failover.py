@@ -163,9 +163,11 @@ def test_all_channels_throttled_passes_429_through(
     [
         ["<html>429 Too Many Requests</html>"] * 3,
         ["", "Too Many Requests", "[]"],
+        # JSON objects, none of them DashScope's error: relayed, they would read as one.
+        ["{}", '{"foo": 1}', '{"request_id": "r", "message": "no code"}'],
         [{"request_id": "r", "code": "Throttling", "message": "m"}, "<html>", "<html>"],
     ],
-    ids=["html-everywhere", "empty-text-and-array", "json-first"],
+    ids=["html-everywhere", "empty-text-and-array", "json-not-dashscopes", "json-first"],
 )
 def test_a_429_without_dashscopes_json_stays_a_429_and_cools_the_model_down(
     failover_app: Flask, upstream: responses.RequestsMock, answers: list[Any]

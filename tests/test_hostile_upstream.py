@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import responses
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
-from app.store.tables import tasks
+from app.reconcile import Reconciler
+from app.store.tables import ledger, submissions, tasks
 from tests.conftest import BASE_CONFIG, PRIMARY, SUBMIT_PATH, bearer, new_key
 
 TASK_ID = "0385dc79-5ff8-4d82-bcb6-caa4a9f7a3d9"
@@ -194,3 +198,195 @@ def test_a_query_answer_over_max_answer_bytes_is_not_stored(
 
     assert (response.status_code, response.json["output"]) == (200, ACCEPTED["output"])
     assert [json.loads(body) for body in stored_bodies(app)] == [ACCEPTED]
+
+
+UPSTREAM_LIST = f"{PRIMARY}/api/v1/tasks"
+# Past the reconciler's grace for answers on their way; past the adoption window too.
+LATER, MUCH_LATER = timedelta(minutes=1), timedelta(minutes=10)
+
+
+def reconciler(app: Flask, ahead: timedelta) -> Reconciler:
+    """Return a reconciler whose clock runs `ahead` of the gateway's and that never sleeps."""
+    gateway = app.extensions["gateway"]
+    return Reconciler(gateway, clock=lambda: gateway.clock() + ahead, sleep=lambda _s: None)
+
+
+def listing(*items: tuple[str, datetime]) -> dict[str, Any]:
+    """Return DashScope's task list answer holding (task id, creation time) items."""
+    data = [
+        {
+            "task_id": task_id,
+            "status": "RUNNING",
+            "model_name": SUBMIT_BODY["model"],
+            "gmt_create": int(created.replace(tzinfo=UTC).timestamp() * 1000),
+        }
+        for task_id, created in items
+    ]
+    return {"request_id": "r", "total": len(data), "page_no": 1, "page_size": 100, "data": data}
+
+
+def submissions_of(app: Flask) -> list[Any]:
+    """Return every submission row."""
+    with app.extensions["gateway"].engine.connect() as conn:
+        return list(conn.execute(select(submissions)))
+
+
+def ledger_rows(app: Flask) -> list[Any]:
+    """Return every ledger row, oldest first."""
+    with app.extensions["gateway"].engine.connect() as conn:
+        return list(conn.execute(select(ledger).order_by(ledger.c.id)))
+
+
+# Ids no task query could name: too long, a path, a space, a header break, a NUL, not ASCII.
+BAD_TASK_IDS = ["x" * 65, "x" * 100, "a/b", "a b", "a\r\nb", "a\x00b", "tâche", "a.b"]
+
+
+@pytest.mark.parametrize("task_id", BAD_TASK_IDS)
+def test_a_submit_answer_whose_task_id_dashscope_never_makes_is_a_broken_answer(
+    app: Flask,
+    client: FlaskClient,
+    api_key: str,
+    upstream: responses.RequestsMock,
+    caplog: pytest.LogCaptureFixture,
+    task_id: str,
+) -> None:
+    answer = {"request_id": "up-submit", "output": {"task_id": task_id, "task_status": "PENDING"}}
+    upstream.post(UPSTREAM_SUBMIT, json=answer)
+
+    response = client.post(SUBMIT_PATH, json=SUBMIT_BODY, headers=bearer(api_key))
+
+    # What any broken answer to a submit gets: the task may exist, so do not resend.
+    assert (response.status_code, response.json["code"]) == (503, "ServiceUnavailable")
+    assert response.headers["x-should-retry"] == "false"
+    assert stored_bodies(app) == []
+    [submission] = submissions_of(app)
+    assert (submission.state, submission.task_id) == ("in_flight", None)
+    assert app.extensions["gateway"].journal.lines() == 0
+    assert not [record for record in caplog.records if record.exc_info]
+    # The reconciler lists the channel's tasks: the one it cannot query is never adopted.
+    created = submission.sent_at + timedelta(seconds=1)
+    upstream.get(UPSTREAM_LIST, json=listing((task_id, created)))
+    assert reconciler(app, LATER).run_pass().adopted == 0
+    late = reconciler(app, MUCH_LATER).run_pass()
+    assert (late.adopted, late.errors) == (0, [])
+    assert stored_bodies(app) == []
+    assert [row.state for row in submissions_of(app)] == ["not_created"]
+    assert [row.kind for row in ledger_rows(app)] == ["reserve", "release"]
+
+
+@pytest.mark.parametrize("task_id", ["x" * 100, "a/b", "a\r\nb", "a\x00b"])
+def test_the_reconciler_never_adopts_a_listed_task_id_dashscope_never_makes(
+    app: Flask,
+    client: FlaskClient,
+    api_key: str,
+    upstream: responses.RequestsMock,
+    task_id: str,
+) -> None:
+    upstream.post(UPSTREAM_SUBMIT, body=requests.ReadTimeout("slow"))
+    assert client.post(SUBMIT_PATH, json=SUBMIT_BODY, headers=bearer(api_key)).status_code == 504
+    [submission] = submissions_of(app)
+    created = submission.sent_at + timedelta(seconds=1)
+    # The good id comes later than the bad one: it is the only one that may be adopted.
+    upstream.get(
+        UPSTREAM_LIST,
+        json=listing((task_id, created), (TASK_ID, created + timedelta(seconds=1))),
+    )
+    upstream.get(UPSTREAM_TASK, json=SUCCEEDED)
+
+    report = reconciler(app, LATER).run_pass()
+
+    assert (report.adopted, report.errors) == (1, [])
+    with app.extensions["gateway"].engine.connect() as conn:
+        assert list(conn.execute(select(tasks.c.task_id)).scalars()) == [TASK_ID]
+
+
+@pytest.mark.parametrize("task_id", ["x" * 100, "a/b", "a\r\nb", "a\x00b"])
+def test_a_journal_line_whose_task_id_dashscope_never_makes_is_set_aside(
+    app: Flask,
+    client: FlaskClient,
+    api_key: str,
+    upstream: responses.RequestsMock,
+    task_id: str,
+) -> None:
+    upstream.post(UPSTREAM_SUBMIT, body=requests.ReadTimeout("slow"))
+    assert client.post(SUBMIT_PATH, json=SUBMIT_BODY, headers=bearer(api_key)).status_code == 504
+    [submission] = submissions_of(app)
+    journal = app.extensions["gateway"].journal
+    journal.append(
+        {
+            "submission_id": submission.id,
+            "task_id": task_id,
+            "status": "PENDING",
+            "upstream_body": json.dumps({"output": {"task_id": task_id}}),
+            "accepted_at": submission.sent_at.isoformat(),
+            "account_id": submission.account_id,
+            "key_id": submission.key_id,
+            "channel": "primary",
+            "model": SUBMIT_BODY["model"],
+        }
+    )
+
+    report = reconciler(app, timedelta(0)).run_pass()
+
+    assert report.replayed == 0
+    assert [line for line in report.lines if line.startswith("journal line rejected")]
+    assert journal.lines() == 0
+    assert Path(journal.rejected_path).read_text().count("\n") == 1
+    assert stored_bodies(app) == []
+    assert [row.state for row in submissions_of(app)] == ["in_flight"]  # left to the listing
+
+
+# Statuses no task column holds (32 characters) or DashScope writes (a short upper-case word).
+BAD_TASK_STATUSES = ["R" * 33, "R" * 100, "running", "RUN NING", "PENDING\r\n", "PEND\x00", ""]
+
+
+@pytest.mark.parametrize("status", BAD_TASK_STATUSES)
+def test_a_task_status_dashscope_never_writes_is_never_stored(
+    app: Flask,
+    client: FlaskClient,
+    api_key: str,
+    upstream: responses.RequestsMock,
+    caplog: pytest.LogCaptureFixture,
+    status: str,
+) -> None:
+    odd = {"request_id": "r", "output": {"task_id": TASK_ID, "task_status": status}}
+    upstream.post(UPSTREAM_SUBMIT, json=odd)
+    upstream.get(UPSTREAM_TASK, json=odd)
+
+    submitted = client.post(SUBMIT_PATH, json=SUBMIT_BODY, headers=bearer(api_key))
+    queried = client.get(TASK_URL, headers=bearer(api_key))
+
+    # The task exists (its id is DashScope's): recorded as the submit's answer would have it.
+    assert (submitted.status_code, submitted.json) == (200, odd)
+    assert (queried.status_code, queried.headers.get("X-Gateway-Stale")) == (200, "upstream_error")
+    with app.extensions["gateway"].engine.connect() as conn:
+        assert list(conn.execute(select(tasks.c.status)).scalars()) == ["PENDING"]
+    assert app.extensions["gateway"].journal.lines() == 0
+    assert not [record for record in caplog.records if record.exc_info]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{}", b'{"foo": 1}', b'{"request_id": "r", "message": "m"}', b'{"code": 5, "message": "m"}'],
+    ids=["empty", "foreign", "no-code", "code-not-text"],
+)
+def test_a_429_whose_json_is_not_dashscopes_error_is_a_native_throttling_429(
+    app: Flask,
+    client: FlaskClient,
+    api_key: str,
+    upstream: responses.RequestsMock,
+    body: bytes,
+) -> None:
+    upstream.post(UPSTREAM_SUBMIT, json=ACCEPTED)
+    upstream.post(UPSTREAM_SUBMIT, status=429, body=body)
+    upstream.post(f"{UPSTREAM_TASK}/cancel", status=429, body=body)
+    assert client.post(SUBMIT_PATH, json=SUBMIT_BODY, headers=bearer(api_key)).status_code == 200
+
+    throttled = client.post(SUBMIT_PATH, json=SUBMIT_BODY, headers=bearer(api_key))
+    cancel = client.post(f"{TASK_URL}/cancel", headers=bearer(api_key))
+
+    for response in (throttled, cancel):
+        assert (response.status_code, response.mimetype) == (429, "application/json")
+        assert response.json["code"] == "Throttling"
+        assert set(response.json) == {"request_id", "code", "message"}
+        assert response.json["request_id"] == response.headers["X-Request-Id"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -11,7 +12,10 @@ import requests
 import responses
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import update
 
+from app.store import utcnow
+from app.store.tables import tasks
 from tests.conftest import BASE_CONFIG, PRIMARY, PRIMARY_UPSTREAM_KEY, SUBMIT_PATH, bearer, new_key
 
 TASK_ID = "0385dc79-5ff8-4d82-bcb6-caa4a9f7a3d9"
@@ -186,6 +190,31 @@ def test_answers_upstream_gave_or_the_store_holds_fresh_are_not_stale(
 
     assert fresh.json["output"]["task_status"] == "PENDING"
     assert "X-Gateway-Stale" not in fresh.headers
+
+
+def test_polls_between_refreshes_say_the_last_refresh_failed_until_one_succeeds(
+    make_app: Any, upstream: responses.RequestsMock
+) -> None:
+    app = make_app(BASE_CONFIG.replace("refresh_interval = 0", "refresh_interval = 60"))
+    client, key = app.test_client(), new_key(app)
+    submit(client, key, upstream)
+    url = f"/alibailian/api/v1/tasks/{TASK_ID}"
+
+    def poll_after_a_due_refresh() -> list[Any]:
+        # The next refresh falls due as if an interval had passed, without waiting one.
+        with app.extensions["gateway"].engine.begin() as connection:
+            connection.execute(update(tasks).values(refreshed_at=utcnow() - timedelta(minutes=2)))
+        return [client.get(url, headers=bearer(key)) for _ in range(3)]
+
+    upstream.get(UPSTREAM_TASK, body=requests.ConnectionError("refused"))
+    during = poll_after_a_due_refresh()
+    upstream.replace(responses.GET, UPSTREAM_TASK, json=task_answer("RUNNING"))
+    after = poll_after_a_due_refresh()
+
+    assert [r.headers.get("X-Gateway-Stale") for r in during] == ["upstream_unreachable"] * 3
+    assert [r.json["output"]["task_status"] for r in after] == ["RUNNING"] * 3
+    assert [r.headers.get("X-Gateway-Stale") for r in after] == [None] * 3
+    assert len(upstream.calls) == 3  # submit, the failed refresh, the one that came back
 
 
 def test_a_stored_final_status_is_never_downgraded(

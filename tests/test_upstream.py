@@ -417,6 +417,80 @@ def test_the_read_timeout_bounds_the_whole_answer_not_each_read(
     assert time.monotonic() - started < 1.6  # the read timeout and one drip, not 14 s
 
 
+def _drip_head(conn: socket.socket) -> None:
+    body = json.dumps(ANSWER).encode()
+    head = _head(Content_Length=str(len(body)), X_Pad="x" * 60)
+    for byte in head:  # a byte every 0.1 s: each recv is quick, the head takes 10 s
+        conn.sendall(bytes([byte]))
+        time.sleep(0.1)
+    conn.sendall(body)
+
+
+@pytest.mark.parametrize("operation", ["query", "submit"])
+def test_the_read_timeout_bounds_an_answer_head_that_trickles_in(
+    raw_server: Callable[..., _RawServer], operation: str
+) -> None:
+    server = raw_server(_drip_head)
+    client = DashScopeClient(2, 1.0, query_retries=2)
+    call = {
+        "query": lambda: client.query_task(channel(server.origin), "t-1"),
+        "submit": lambda: client.submit_task(channel(server.origin), "services/x", b"{}"),
+    }[operation]
+    started = time.monotonic()
+
+    with pytest.raises(UpstreamTimeout) as raised:
+        call()
+
+    # The read timeout and the watch's interval, not 10 s; a query is not retried either.
+    assert time.monotonic() - started < 1.6
+    assert raised.value.cause == "timeout"
+
+
+def test_the_read_timeout_counts_the_head_and_the_body_together(
+    raw_server: Callable[..., _RawServer],
+) -> None:
+    body = json.dumps(ANSWER).encode()
+
+    def slow_head_then_slow_body(conn: socket.socket) -> None:
+        conn.sendall(_head(Content_Length=str(len(body)))[:-2])
+        time.sleep(0.7)  # each part is within the timeout, both together are not
+        conn.sendall(b"\r\n")
+        for start in range(0, len(body), 4):
+            conn.sendall(body[start : start + 4])
+            time.sleep(0.05)
+
+    server = raw_server(slow_head_then_slow_body)
+    started = time.monotonic()
+
+    with pytest.raises(UpstreamTimeout):
+        DashScopeClient(2, 1.0, query_retries=0).query_task(channel(server.origin), "t-1")
+
+    assert time.monotonic() - started < 1.4
+
+
+def test_calls_after_a_head_that_timed_out_are_answered(
+    raw_server: Callable[..., _RawServer],
+) -> None:
+    body = json.dumps(ANSWER).encode()
+    calls: list[int] = []
+
+    def first_drips(conn: socket.socket) -> None:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            _drip_head(conn)
+        else:
+            conn.sendall(_head(Content_Length=str(len(body))) + body)
+
+    server = raw_server(first_drips)
+    client = DashScopeClient(2, 1.0, query_retries=0)
+    with pytest.raises(UpstreamTimeout):
+        client.query_task(channel(server.origin), "t-1")
+
+    answered = [client.query_task(channel(server.origin), "t-1") for _ in range(3)]
+
+    assert [answer.data for answer in answered] == [ANSWER] * 3
+
+
 def test_an_answer_that_comes_in_pieces_within_the_timeout_is_read(
     raw_server: Callable[..., _RawServer],
 ) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -38,12 +37,12 @@ from app.store import (
     force_refresh,
     get_owned_task,
     list_owned_tasks,
-    utcnow,
 )
 from app.submitting import SubmitRequest, Submitted, submit_paid
 from app.upstream import (
     FORWARDED_SUBMIT_HEADERS,
     OSS_RESOLVE_HEADER,
+    TASK_ID_PATTERN,
     UpstreamAnswer,
     UpstreamBrokenAnswer,
 )
@@ -67,10 +66,6 @@ def end_turn(_error: BaseException | None) -> None:
         current_gateway().turns.give_up()
 
 
-# DashScope's task ids are UUIDs; anything else is not one of ours and never reaches the database.
-TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
 def submit_video_synthesis(group: str, function: str) -> Response:
     """Forward an async task's submit unchanged and remember which account owns the task."""
     caller = authenticate()
@@ -86,6 +81,7 @@ def submit_video_synthesis(group: str, function: str) -> Response:
         forwarded_headers(),
         parameters,
         holder,
+        g.submit_input.get("prompt"),
     )
     # The upstream call and any wait on the database for its record: neither needs the CPU.
     with gateway.turns.set_aside():
@@ -170,7 +166,7 @@ def get_task(task_id: str) -> Response:
     if task.is_final or channel is None:
         return stored_answer(task, "final" if task.is_final else "channel_removed")
     if not claim_due_refresh(task):
-        return stored_answer(task, "fresh")
+        return stored_answer(task, "fresh", stale=gateway.stale_tasks.get(task.task_id))
     answer = refresh_task(channel, task)
     if isinstance(answer, str):
         return stored_answer(task, "upstream_failed", stale=answer)
@@ -266,7 +262,12 @@ def load_submit_body() -> tuple[bytes, str, dict[str, Any] | None]:
 
 
 def with_money_headers(response: Response, submitted: Submitted) -> Response:
-    """Add this submit's estimate, and what remains of the account's limit, to the answer."""
+    """Add this submit's estimate, and what remains of the account's limit, to the answer.
+
+    Only to an accepted submit's: a refused one reserved nothing (its reservation is released).
+    """
+    if submitted.answer.status != 200:
+        return response
     response.headers["X-Gateway-Estimate"] = to_cent(submitted.estimate.amount)
     if submitted.remaining is not None:
         response.headers["X-Gateway-Remaining"] = to_cent(submitted.remaining)
@@ -309,7 +310,8 @@ def count_submit(channel: Channel, model: str, answer: UpstreamAnswer) -> None:
 
 def retention_cutoff() -> datetime:
     """Return the submit time before which tasks are forgotten."""
-    return utcnow() - timedelta(hours=current_gateway().settings.retention_hours)
+    gateway = current_gateway()
+    return gateway.clock() - timedelta(hours=gateway.settings.retention_hours)
 
 
 def get_owned_task_or_fail(caller: Caller, task_id: str) -> Task:
@@ -331,7 +333,7 @@ def get_owned_task_or_fail(caller: Caller, task_id: str) -> Task:
 def claim_due_refresh(task: Task) -> bool:
     """Claim the task's refresh if one is due; one request across all instances wins it."""
     gateway = current_gateway()
-    now, interval = utcnow(), gateway.settings.refresh_interval
+    now, interval = gateway.clock(), gateway.settings.refresh_interval
     if interval == 0:
         return True  # every poll may refresh: there is nothing to claim
     # The row just read shows most polls are early, and a claim is a write: skip it then.
@@ -346,7 +348,9 @@ def refresh_task(channel: Channel, task: Task) -> UpstreamAnswer | str:
     with gateway.turns.set_aside():
         answer = refresh.refresh_task(gateway, channel, task)
     if isinstance(answer, str):
+        gateway.stale_tasks.put(task.task_id, answer)
         return answer
+    gateway.stale_tasks.discard(task.task_id)
     g.upstream_status = answer.status
     metrics.task_queries.labels("upstream", "refreshed").inc()
     return answer
