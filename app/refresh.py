@@ -50,8 +50,9 @@ def refresh_task(
         # A channel fault (throttled, key refused, 5xx) is not the client's: the last known
         # status is the better answer.
         log.warning(
-            "task refresh answered HTTP %s, serving the last known status",
+            "task refresh answered HTTP %s%s, serving the last known status",
             answer.status,
+            " without a task status DashScope writes" if answer.status == 200 else "",
             extra={"channel": channel.name},
         )
         return STALE_ERROR
