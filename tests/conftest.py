@@ -100,6 +100,22 @@ def write_config(tmp_path: Path) -> Callable[[str], str]:
     return write
 
 
+def app_over(database_url: str, config_path: str, tmp_path: Path, **environ: str) -> Flask:
+    """Return a real app over a database, with a config file and the channels' keys set."""
+    app = create_app(
+        {
+            "GATEWAY_CONFIG": config_path,
+            "GATEWAY_DATABASE_URL": database_url,
+            "GATEWAY_INSTANCE_PATH": str(tmp_path / "instance"),
+            "PRIMARY_UPSTREAM_KEY": PRIMARY_UPSTREAM_KEY,
+            "INTL_UPSTREAM_KEY": INTL_UPSTREAM_KEY,
+            **environ,
+        }
+    )
+    app.config["TESTING"] = True
+    return app
+
+
 @pytest.fixture
 def make_app(
     database_url: str, write_config: Callable[[str], str], tmp_path: Path
@@ -107,18 +123,7 @@ def make_app(
     """Return a factory of real apps over the test database with a given config text."""
 
     def make(config_text: str = BASE_CONFIG, **environ: str) -> Flask:
-        app = create_app(
-            {
-                "GATEWAY_CONFIG": write_config(config_text),
-                "GATEWAY_DATABASE_URL": database_url,
-                "GATEWAY_INSTANCE_PATH": str(tmp_path / "instance"),
-                "PRIMARY_UPSTREAM_KEY": PRIMARY_UPSTREAM_KEY,
-                "INTL_UPSTREAM_KEY": INTL_UPSTREAM_KEY,
-                **environ,
-            }
-        )
-        app.config["TESTING"] = True
-        return app
+        return app_over(database_url, write_config(config_text), tmp_path, **environ)
 
     return make
 

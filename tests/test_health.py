@@ -25,6 +25,7 @@ from tests.conftest import (
     PRIMARY,
     PRIMARY_UPSTREAM_KEY,
     SUBMIT_PATH,
+    app_over,
     bearer,
 )
 from tests.test_paid_work import postgresql_of_its_own
@@ -120,21 +121,6 @@ def count_submissions(app: Flask) -> int:
         return int(conn.execute(select(func.count()).select_from(submissions)).scalar_one())
 
 
-def app_over(database_url: str, write_config: Callable[[str], str], tmp_path: Path) -> Flask:
-    """Return an app over a given database."""
-    app = create_app(
-        {
-            "GATEWAY_CONFIG": write_config(BASE_CONFIG),
-            "GATEWAY_DATABASE_URL": database_url,
-            "GATEWAY_INSTANCE_PATH": str(tmp_path / "instance"),
-            "PRIMARY_UPSTREAM_KEY": PRIMARY_UPSTREAM_KEY,
-            "INTL_UPSTREAM_KEY": INTL_UPSTREAM_KEY,
-        }
-    )
-    app.config["TESTING"] = True
-    return app
-
-
 def test_readyz_is_503_within_the_busy_timeout_while_another_connection_locks_out_writers(
     breakable_app: Flask, tmp_path: Path
 ) -> None:
@@ -164,7 +150,7 @@ def test_readyz_is_503_at_once_while_postgresql_is_read_only_and_200_once_it_is_
     write_config: Callable[[str], str], tmp_path: Path
 ) -> None:
     with postgresql_of_its_own() as database:
-        app = app_over(database.url, write_config, tmp_path)
+        app = app_over(database.url, write_config(BASE_CONFIG), tmp_path)
         client = app.test_client()
         try:
             assert client.get("/readyz").status_code == 200
@@ -191,7 +177,7 @@ def test_readyz_is_503_within_the_lock_timeout_while_postgresql_locks_out_writer
     write_config: Callable[[str], str], tmp_path: Path
 ) -> None:
     with postgresql_of_its_own() as database:
-        app = app_over(database.url, write_config, tmp_path)
+        app = app_over(database.url, write_config(BASE_CONFIG), tmp_path)
         client = app.test_client()
         try:
             assert client.get("/readyz").status_code == 200

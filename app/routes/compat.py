@@ -81,7 +81,7 @@ def submit_video_synthesis(group: str, function: str) -> Response:
         forwarded_headers(),
         parameters,
         holder,
-        g.submit_input.get("prompt"),
+        prompt=g.submit_input.get("prompt"),
     )
     # The upstream call and any wait on the database for its record: neither needs the CPU.
     with gateway.turns.set_aside():

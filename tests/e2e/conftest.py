@@ -382,6 +382,15 @@ class Gateway:
         self.cli("keys", "revoke", secret)
         time.sleep(KEY_CACHE_SECONDS)
 
+    def query(self, sql: str) -> list[Any]:
+        """Return the rows a read of the gateway's own database gives, as a test looks."""
+        engine = create_engine(make_url(self.env["GATEWAY_DATABASE_URL"]))
+        try:
+            with engine.connect() as conn:
+                return list(conn.execute(text(sql)).all())
+        finally:
+            engine.dispose()
+
     def log_text(self) -> str:
         """Return everything gunicorn and the app wrote so far."""
         return self.log_path.read_text(errors="replace")

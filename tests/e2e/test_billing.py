@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 import requests
-from sqlalchemy import create_engine, make_url, text
 
 from tests.e2e.conftest import (
     HTTP_TIMEOUT,
@@ -282,16 +281,10 @@ def with_clock(gateway: Gateway, start: str) -> Gateway:
 
 def ledger_charges(gateway: Gateway) -> dict[str, list[str]]:
     """Return task id -> the periods of its charge rows, as the gateway's database holds them."""
-    engine = create_engine(make_url(gateway.env["GATEWAY_DATABASE_URL"]))
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                text("SELECT task_id, period FROM ledger WHERE kind = 'charge'")
-            ).all()
-    finally:
-        engine.dispose()
     charges: dict[str, list[str]] = {}
-    for task_id, period in rows:
+    for task_id, period in gateway.query(
+        "SELECT task_id, period FROM ledger WHERE kind = 'charge'"
+    ):
         charges.setdefault(task_id, []).append(period)
     return charges
 

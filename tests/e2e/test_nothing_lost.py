@@ -157,14 +157,9 @@ class Ledger:
 
 def owners(gateway: Gateway) -> dict[str, str]:
     """Return task id -> owning account name, as the gateway's database records them."""
-    engine = create_engine(make_url(gateway.env["GATEWAY_DATABASE_URL"]))
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                text("SELECT t.task_id, a.name FROM tasks t JOIN accounts a ON a.id = t.account_id")
-            ).all()
-    finally:
-        engine.dispose()
+    rows = gateway.query(
+        "SELECT t.task_id, a.name FROM tasks t JOIN accounts a ON a.id = t.account_id"
+    )
     return {task_id: name for task_id, name in rows}
 
 
